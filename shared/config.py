@@ -1,0 +1,98 @@
+"""Settings for every service, read once from ANOMSTREAM_* environment variables and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "ANOMSTREAM_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", validate_default=True,
+        populate_by_name=True,
+    )
+
+    # --- Kafka connection. KAFKA_BOOTSTRAP_SERVERS is honoured as-is because it is the name
+    # operators already export; setting it also means "use that cluster, start no local broker".
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092",
+        min_length=1,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", f"{ENV_PREFIX}BOOTSTRAP_SERVERS"),
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    # Any other librdkafka property, as JSON: ANOMSTREAM_KAFKA_EXTRA='{"client.rack": "a"}'.
+    kafka_extra: dict[str, str | int | float | bool] = {}
+
+    # --- Topics
+    topic_input: str = "input_data"
+    topic_transactions: str = "transactions"
+    topic_anomalies: str = "anomalies"
+    topic_scores: str = "scores"
+    topic_dead_letter: str = "dead_letter"
+    partitions_input: int = Field(3, ge=1)
+    partitions_transactions: int = Field(3, ge=1)
+    partitions_anomalies: int = Field(3, ge=1)
+    partitions_scores: int = Field(3, ge=1)
+    partitions_dead_letter: int = Field(1, ge=1)
+    replication_factor: int = Field(1, ge=1)
+
+    # --- Detector service
+    consumer_group: str = "anomstream-detector"
+    workers: int = Field(3, ge=1, le=64)
+    batch_size: int = Field(5000, ge=1, le=100_000)
+    poll_timeout_s: float = Field(0.1, gt=0, le=60)
+    max_message_bytes: int = Field(64 * 1024, ge=64)
+    model_dir: Path = REPO_ROOT / "models" / "artifacts"
+    # Which trained model set scores which topic (a model set is one `anomstream train --name`).
+    topic_models: dict[str, str] = {"input_data": "ec2_cpu", "transactions": "transactions"}
+    combine: Literal["or", "and", "majority"] = "or"
+
+    # --- Alerter service
+    alerter_group: str = "anomstream-alerter"
+    slack_bot_token: SecretStr | None = None
+    slack_webhook_url: SecretStr | None = None
+    slack_channel: str = "#alerts"
+    slack_base_url: str | None = None  # e.g. a proxy, or the local Slack test server
+    slack_timeout_s: float = Field(10.0, gt=0)
+    alert_cooldown_s: float = Field(300.0, ge=0)
+
+    # --- Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    def topic_partitions(self) -> dict[str, int]:
+        return {
+            self.topic_input: self.partitions_input,
+            self.topic_transactions: self.partitions_transactions,
+            self.topic_anomalies: self.partitions_anomalies,
+            self.topic_scores: self.partitions_scores,
+            self.topic_dead_letter: self.partitions_dead_letter,
+        }
+
+
+class ConfigError(SystemExit):
+    """Raised at start-up for an invalid setting; the message names the environment variable."""
+
+
+def load_settings(**overrides) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            var = "KAFKA_BOOTSTRAP_SERVERS" if field == "KAFKA_BOOTSTRAP_SERVERS" else (
+                field if field.startswith(ENV_PREFIX) else f"{ENV_PREFIX}{field.upper()}"
+            )
+            problems.append(f"{var}: {err['msg']}")
+        raise ConfigError("invalid setting " + "; ".join(problems)) from None

@@ -1,0 +1,199 @@
+"""A real single-node Apache Kafka broker (KRaft) on 127.0.0.1, without Docker.
+
+The jars come from Maven Central through broker/pom.xml; storage is formatted once per data
+folder; the broker runs as a child JVM whose pid is kept in the data folder so `down` can stop
+it from another process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from shared.config import REPO_ROOT
+
+POM = REPO_ROOT / "broker" / "pom.xml"
+LOG4J = REPO_ROOT / "broker" / "log4j2.yaml"
+CACHE = REPO_ROOT / ".cache" / "kafka"
+DEFAULT_DATA = CACHE / "data"
+
+
+def fetch_jars(libs: Path = CACHE / "libs") -> Path:
+    if any(libs.glob("kafka_2.13-*.jar")):
+        return libs
+    if shutil.which("mvn") is None:
+        raise RuntimeError("Maven (mvn) is needed to fetch the Kafka broker jars")
+    libs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+         f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
+        check=True,
+    )
+    return libs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class LocalBroker:
+    def __init__(self, data_dir: Path = DEFAULT_DATA, port: int = 9092, controller_port: int | None = None,
+                 heap: str = "768m", java_agent: str | None = None):
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.controller_port = controller_port or port + 1
+        self.heap = heap
+        self.java_agent = java_agent  # e.g. "-javaagent:jmx_prometheus.jar=7071:config.yaml"
+        self.pid_file = self.data_dir / "broker.pid"
+        self.log_file = self.data_dir / "broker.log"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _write_properties(self) -> Path:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir / "logs"),
+            # Single node: internal topics cannot have more replicas than brokers.
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "false",
+            "message.max.bytes": "2097152",
+        }
+        path = self.data_dir / "server.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        return path
+
+    def _java(self, libs: Path, *args: str) -> list[str]:
+        return ["java", f"-Xmx{self.heap}", f"-Dlog4j2.configurationFile={LOG4J}",
+                "-cp", f"{libs}/*", *args]
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+
+    def start(self, timeout: float = 90) -> None:
+        if self.running_pid():
+            self.wait_ready(timeout)
+            return
+        if port_open(self.port):
+            raise RuntimeError(f"port {self.port} is already taken by another process")
+        libs = fetch_jars()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        props = self._write_properties()
+        if not (self.data_dir / "logs" / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            subprocess.run(
+                self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                check=True, stdout=subprocess.DEVNULL,
+            )
+        cmd = self._java(libs, *( [self.java_agent] if self.java_agent else []), "kafka.Kafka", str(props))
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid_file.write_text(str(proc.pid))
+        try:
+            self.wait_ready(timeout, proc)
+        except Exception:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout: float, proc: subprocess.Popen | None = None) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {proc.returncode}; see {self.log_file}")
+            if port_open(self.port):
+                try:
+                    md = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=5)
+                    if md.brokers:
+                        return
+                except Exception:  # not ready yet
+                    pass
+            time.sleep(0.3)
+        raise TimeoutError(f"broker not ready after {timeout}s; see {self.log_file}")
+
+    def stop(self, timeout: float = 30) -> None:
+        pid = self.running_pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return
+        os.kill(pid, signal.SIGTERM)  # controlled shutdown: flushes logs, closes cleanly
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            try:  # reap it if it is our child
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.2)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anomstream kafka", description="local single-node Kafka broker")
+    parser.add_argument("action", choices=["up", "down", "status", "fetch"])
+    parser.add_argument("--port", type=int, default=9092)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    args = parser.parse_args(argv)
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and args.action in ("up", "down"):
+        print(f"KAFKA_BOOTSTRAP_SERVERS={os.environ['KAFKA_BOOTSTRAP_SERVERS']}: using that cluster, "
+              "no local broker started or stopped")
+        return 0
+    broker = LocalBroker(args.data_dir, args.port)
+    if args.action == "fetch":
+        print(fetch_jars())
+    elif args.action == "up":
+        broker.start()
+        print(f"kafka broker ready on {broker.bootstrap} (pid {broker.running_pid()}, log {broker.log_file})")
+    elif args.action == "down":
+        broker.stop()
+        print("kafka broker stopped")
+    else:
+        pid = broker.running_pid()
+        print(f"running on {broker.bootstrap} (pid {pid})" if pid else "not running")
+        return 0 if pid else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
