@@ -53,8 +53,11 @@ class Settings(BaseSettings):
     poll_timeout_s: float = Field(0.1, gt=0, le=60)
     max_message_bytes: int = Field(64 * 1024, ge=64)
     model_dir: Path = REPO_ROOT / "models" / "artifacts"
-    # Which trained model set scores which topic (a model set is one `anomstream train --name`).
-    topic_models: dict[str, str] = {"input_data": "ec2_cpu", "transactions": "transactions"}
+    # Labelled reference data beside the repository (../shared/data), for training and replay.
+    data_dir: Path = REPO_ROOT.parent / "shared" / "data"
+    # The trained model set (`anomstream train --name`) that scores each input topic.
+    model_input: str = "ec2_cpu"
+    model_transactions: str = "transactions"
     combine: Literal["or", "and", "majority"] = "or"
 
     # --- Alerter service
@@ -69,6 +72,12 @@ class Settings(BaseSettings):
     # --- Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+
+    def topic_models(self) -> dict[str, str]:
+        return {self.topic_input: self.model_input, self.topic_transactions: self.model_transactions}
+
+    def nab_csvs(self) -> list[Path]:
+        return sorted((self.data_dir / "nab_ec2" / "data" / "realAWSCloudwatch").glob("*.csv"))
 
     def topic_partitions(self) -> dict[str, int]:
         return {

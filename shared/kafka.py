@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
@@ -79,11 +79,12 @@ def ensure_topics(settings: Settings, topics: dict[str, int] | None = None, time
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
-    # Metadata for a new topic reaches the client a moment after creation.
+    # A new topic's metadata and partition leaders reach the client a moment after creation.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         known = admin.list_topics(timeout=timeout).topics
-        if all(t.topic in known and not known[t.topic].error for t in missing):
+        if all(t.topic in known and not known[t.topic].error and known[t.topic].partitions
+               and all(p.leader >= 0 for p in known[t.topic].partitions.values()) for t in missing):
             return
         time.sleep(0.1)
     raise TimeoutError(f"topics not visible after creation: {[t.topic for t in missing]}")
@@ -120,3 +121,47 @@ def produce(producer: Producer, topic: str, value: bytes, key: bytes | None = No
             return
         except BufferError:
             producer.poll(0.05)
+
+
+def dead_letter(producer: Producer, settings: Settings, msg, reason: str, service: str, tracker) -> None:
+    """The original bytes and key, unchanged, with where they came from and why in headers."""
+    produce(producer, settings.topic_dead_letter, msg.value(), msg.key(), on_delivery=tracker, headers=[
+        ("dlq.error", reason.encode()),
+        ("dlq.topic", msg.topic().encode()),
+        ("dlq.partition", str(msg.partition()).encode()),
+        ("dlq.offset", str(msg.offset()).encode()),
+        ("dlq.service", service.encode()),
+    ])
+
+
+def end_offsets(settings: Settings, topic: str, timeout: float = 10) -> dict[int, int]:
+    """partition -> high watermark (the offset the next message will get)."""
+    consumer = Consumer(client_config(settings) | {"group.id": "anomstream-offsets", "enable.auto.commit": False})
+    try:
+        parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in parts}
+    finally:
+        consumer.close()
+
+
+def read_topic(settings: Settings, topic: str, start: dict[int, int] | None = None, count: int | None = None,
+               timeout: float = 60, idle: float | None = None) -> list:
+    """Messages of `topic` from `start` offsets (default: the beginning), without a consumer group:
+    stops at `count` messages, after `idle` seconds with nothing new, or at `timeout`."""
+    consumer = Consumer(client_config(settings) | {"group.id": "anomstream-reader", "enable.auto.commit": False})
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, (start or {}).get(p, OFFSET_BEGINNING)) for p in parts])
+    out = []
+    deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() < deadline and (count is None or len(out) < count):
+            batch = [m for m in consumer.consume(10000, 0.2) if not m.error()]
+            out.extend(batch)
+            if batch:
+                last_new = time.monotonic()
+            elif idle is not None and time.monotonic() - last_new > idle:
+                break
+    finally:
+        consumer.close()
+    return out

@@ -1,0 +1,56 @@
+"""The protocol every detector follows (in the spirit of scikit-learn and River).
+
+Hyper-parameters go in __init__; fit(history) learns from a FeatureBatch; score(batch) returns one
+float per row, higher = more anomalous; decide(scores) applies the learned threshold; save/load
+write and read one folder. Detectors that keep state across batches (streaming ones) update it
+inside score(), in row order.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from shared.features import FeatureBatch
+
+
+class ArtifactError(RuntimeError):
+    """A model artifact is missing or does not match what the code expects; names the file."""
+
+
+class Detector(ABC):
+    name: str = "detector"
+    threshold: float = float("inf")
+
+    @abstractmethod
+    def fit(self, history: FeatureBatch) -> "Detector": ...
+
+    @abstractmethod
+    def score(self, batch: FeatureBatch) -> np.ndarray: ...
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores) > self.threshold
+
+    @abstractmethod
+    def save(self, folder: Path) -> None: ...
+
+    @classmethod
+    @abstractmethod
+    def load(cls, folder: Path) -> "Detector": ...
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise ArtifactError(f"model artifact not found: {path} (run `anomstream train` first)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"model artifact {path} is not valid JSON: {exc}") from None

@@ -1,0 +1,103 @@
+"""A model set: the scaler plus the trained detectors for one kind of stream, with a manifest.
+
+Layout: <model_dir>/<name>/manifest.json, scaler in the manifest, one sub-folder per detector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.base import ArtifactError, Detector, read_json, write_json
+from models.isolation_forest import IsolationForestDetector
+from models.lstm_autoencoder import LSTMAutoencoderDetector
+from shared.features import FEATURES, SEQ_LEN, Scaler, SeriesWindows, build_batch, raw_features
+
+DETECTORS: dict[str, type[Detector]] = {
+    IsolationForestDetector.name: IsolationForestDetector,
+    LSTMAutoencoderDetector.name: LSTMAutoencoderDetector,
+}
+MANIFEST_FORMAT = 1
+
+
+@dataclass
+class ModelSet:
+    name: str
+    version: str
+    scaler: Scaler
+    detectors: dict[str, Detector]
+
+    @staticmethod
+    def folder(model_dir: Path, name: str) -> Path:
+        return Path(model_dir) / name
+
+    @classmethod
+    def read_manifest(cls, model_dir: Path, name: str) -> dict:
+        """Checks the manifest (no TensorFlow import): fail fast before starting workers."""
+        path = cls.folder(model_dir, name) / "manifest.json"
+        manifest = read_json(path)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ArtifactError(f"{path}: manifest format {manifest.get('format')} != {MANIFEST_FORMAT}")
+        if tuple(manifest.get("features", ())) != FEATURES or manifest.get("seq_len") != SEQ_LEN:
+            raise ArtifactError(
+                f"{path}: trained on features {manifest.get('features')} / seq_len {manifest.get('seq_len')},"
+                f" this code uses {list(FEATURES)} / {SEQ_LEN}; retrain with `anomstream train`")
+        unknown = set(manifest.get("detectors", {})) - set(DETECTORS)
+        if unknown:
+            raise ArtifactError(f"{path}: unknown detector(s) {sorted(unknown)}")
+        return manifest
+
+    @classmethod
+    def load(cls, model_dir: Path, name: str) -> "ModelSet":
+        manifest = cls.read_manifest(model_dir, name)
+        folder = cls.folder(model_dir, name)
+        detectors = {d: DETECTORS[d].load(folder / d) for d in manifest["detectors"]}
+        return cls(name, manifest["version"], Scaler.from_dict(manifest["scaler"]), detectors)
+
+    def save(self, model_dir: Path, data_hash: str, rows: int) -> Path:
+        folder = self.folder(model_dir, self.name)
+        for det_name, det in self.detectors.items():
+            det.save(folder / det_name)
+        write_json(folder / "manifest.json", {
+            "format": MANIFEST_FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "features": list(FEATURES),
+            "seq_len": SEQ_LEN,
+            "scaler": self.scaler.to_dict(),
+            "detectors": {d: {"threshold": det.threshold} for d, det in self.detectors.items()},
+            "training_data": {"sha256": data_hash, "rows": rows},
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        return folder
+
+
+def data_hash(frame: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    h.update("\n".join(map(str, frame["series"])).encode())
+    h.update(np.ascontiguousarray(frame["epoch_s"].to_numpy(np.float64)).tobytes())
+    h.update(np.ascontiguousarray(frame["value"].to_numpy(np.float64)).tobytes())
+    return h.hexdigest()
+
+
+def train_model_set(name: str, frame: pd.DataFrame, model_dir: Path, epochs: int = 50,
+                    progress: bool = True) -> ModelSet:
+    """frame: columns series, epoch_s, value, each series in time order."""
+    frame = frame.sort_values(["series", "epoch_s"], kind="stable")
+    scaler = Scaler().fit(raw_features(frame["epoch_s"].to_numpy(), frame["value"].to_numpy()))
+    history = build_batch(scaler, SeriesWindows(), frame["series"].to_numpy(), frame["epoch_s"].to_numpy(),
+                          frame["value"].to_numpy())
+    detectors: dict[str, Detector] = {
+        "isolation_forest": IsolationForestDetector().fit(history),
+        "lstm_autoencoder": LSTMAutoencoderDetector(epochs=epochs, progress=progress).fit(history),
+    }
+    digest = data_hash(frame)
+    version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest[:8]}"
+    model_set = ModelSet(name, version, scaler, detectors)
+    model_set.save(model_dir, digest, len(frame))
+    return model_set

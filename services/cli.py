@@ -1,0 +1,31 @@
+"""anomstream: one command, one sub-command per service or task."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "kafka": ("shared.local_broker", "start/stop the local single-node Kafka broker"),
+    "train": ("services.train", "train the model sets"),
+    "produce": ("services.producer", "replay CSVs or generate synthetic transactions into Kafka"),
+    "detect": ("services.detector", "run the detector workers"),
+    "alert": ("services.alerter", "post anomalies to Slack"),
+    "run": ("services.run_pipeline", "the whole pipeline end to end on the local broker"),
+    "bench": ("services.bench", "throughput and latency benchmark"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: anomstream COMMAND [options]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<10} {help_text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

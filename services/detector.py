@@ -1,0 +1,217 @@
+"""detector: worker processes in one consumer group score every message of the input topics.
+
+Per batch: consume -> validate (bad ones to dead_letter with the reason) -> score with the model set
+of the message's topic -> one record per input to `scores`, anomalies also to `anomalies` -> wait
+until the broker acknowledged all of it -> commit the batch's offsets. A crash anywhere before the
+commit means the batch is consumed again (at-least-once, never a gap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import signal
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+
+import orjson
+from confluent_kafka import TopicPartition
+
+from models.base import ArtifactError
+from shared.config import Settings, load_settings
+from shared.kafka import DeliveryTracker, dead_letter, ensure_topics, make_consumer, make_producer, produce
+from shared.log import setup_logging
+from shared.schemas import decode_metrics, iso_utc
+
+EXIT_CONFIG_ERROR = 2  # a worker that cannot load its models is not restarted
+
+
+def score_records(msgs, decoded, result, model_version: str) -> list[tuple[bytes, bytes, bool]]:
+    """(key, JSON value, is_anomaly) for each good message, in the shape of schemas.ScoreRecord."""
+    stamps = iso_utc(decoded.timestamps)
+    detected_at = datetime.now(timezone.utc).isoformat()
+    values = decoded.values.tolist()
+    is_anomaly = result.is_anomaly.tolist()
+    if_flag = result.flags["isolation_forest"].tolist()
+    lstm_flag = result.flags["lstm_autoencoder"].tolist()
+    if_score = result.scores["isolation_forest"].tolist()
+    recon = result.scores["lstm_autoencoder"].tolist()
+    out = []
+    for j, i in enumerate(decoded.index):
+        m = msgs[i]
+        series = decoded.series[j]
+        out.append((series.encode(), orjson.dumps({
+            "series": series, "timestamp": stamps[j], "value": values[j],
+            "is_anomaly": is_anomaly[j], "if_anomaly": if_flag[j], "lstm_anomaly": lstm_flag[j],
+            "reconstruction_error": recon[j], "if_score": if_score[j], "model_version": model_version,
+            "source_topic": m.topic(), "source_partition": m.partition(), "source_offset": m.offset(),
+            "source_timestamp_ms": m.timestamp()[1], "detected_at": detected_at, "kind": "score",
+        }), is_anomaly[j]))
+    return out
+
+
+class Worker:
+    def __init__(self, settings: Settings, worker_id: int, scorers: dict):
+        self.settings = settings
+        self.scorers = scorers  # topic -> Scorer
+        self.log = setup_logging(settings, "detector").bind(worker=worker_id)
+        self.consumer = make_consumer(settings, settings.consumer_group)
+        self.producer = make_producer(settings)
+        self.tracker = DeliveryTracker()
+        self.stats = defaultdict(int)
+        self.stopping = False
+
+    def process(self, msgs) -> None:
+        s, tracker = self.settings, self.tracker
+        by_topic = defaultdict(list)
+        for m in msgs:
+            if m.error():
+                if m.error().fatal():
+                    raise RuntimeError(f"fatal consumer error: {m.error()}")
+                self.log.warning("consumer error", error=str(m.error()))
+                continue
+            by_topic[m.topic()].append(m)
+        for topic, tmsgs in by_topic.items():
+            scorer = self.scorers.get(topic)
+            if scorer is None:
+                for m in tmsgs:
+                    dead_letter(self.producer, s, m, f"no model set is configured for topic {topic}", "detector", tracker)
+                self.stats["dead_lettered"] += len(tmsgs)
+                continue
+            decoded = decode_metrics([m.value() for m in tmsgs], s.max_message_bytes)
+            for i, reason in decoded.errors:
+                dead_letter(self.producer, s, tmsgs[i], reason, "detector", tracker)
+                self.log.warning("dead-lettered", topic=topic, partition=tmsgs[i].partition(),
+                                 offset=tmsgs[i].offset(), reason=reason)
+            self.stats["dead_lettered"] += len(decoded.errors)
+            if not decoded.index:
+                continue
+            result = scorer.score(decoded.series, decoded.timestamps, decoded.values)
+            for key, value, anomalous in score_records(tmsgs, decoded, result, scorer.model_set.version):
+                produce(self.producer, s.topic_scores, value, key, on_delivery=tracker)
+                if anomalous:
+                    produce(self.producer, s.topic_anomalies, value, key, on_delivery=tracker)
+                    self.stats["anomalies"] += 1
+            self.stats["scored"] += len(decoded.index)
+        # Durable first, then commit: flush raises if any output was not acknowledged.
+        tracker.flush(self.producer)
+        offsets = {}
+        for m in msgs:
+            if not m.error():
+                offsets[(m.topic(), m.partition())] = max(offsets.get((m.topic(), m.partition()), -1), m.offset())
+        if offsets:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()],
+                                 asynchronous=False)
+        self.stats["consumed"] += len(msgs)
+
+    def run(self) -> None:
+        s = self.settings
+        self.consumer.subscribe(list(self.scorers))
+        self.log.info("worker ready", topics=list(self.scorers), batch_size=s.batch_size)
+        last_report = time.monotonic()
+        try:
+            while not self.stopping:
+                msgs = self.consumer.consume(s.batch_size, s.poll_timeout_s)
+                if msgs:
+                    self.process(msgs)
+                if time.monotonic() - last_report > 10:
+                    self.log.info("progress", **self.stats)
+                    last_report = time.monotonic()
+        finally:
+            self.consumer.close()
+            self.log.info("worker stopped", **self.stats)
+
+
+def worker_main(settings: Settings, worker_id: int) -> None:
+    # Ctrl-C reaches every process in the group; both signals mean "finish the batch, commit, exit".
+    stop = {"flag": False}
+    worker: Worker | None = None
+
+    def on_signal(_sig, _frame):
+        stop["flag"] = True
+        if worker is not None:
+            worker.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    from models.lstm_autoencoder import configure_tensorflow
+    from models.model_set import ModelSet
+    from models.scoring import Scorer
+
+    configure_tensorflow(1)
+    log = setup_logging(settings, "detector").bind(worker=worker_id)
+    try:
+        scorers = {topic: Scorer(ModelSet.load(settings.model_dir, name), settings.combine)
+                   for topic, name in settings.topic_models().items()}
+    except ArtifactError as exc:
+        log.error("cannot load models", error=str(exc))
+        sys.exit(EXIT_CONFIG_ERROR)
+    worker = Worker(settings, worker_id, scorers)
+    worker.stopping = stop["flag"]
+    worker.run()
+
+
+def supervise(settings: Settings) -> int:
+    """Run settings.workers worker processes; restart one that dies; stop all on SIGTERM/SIGINT."""
+    from models.model_set import ModelSet
+
+    log = setup_logging(settings, "detector")
+    for name in set(settings.topic_models().values()):
+        ModelSet.read_manifest(settings.model_dir, name)  # fail here, clearly, not in N workers
+    ensure_topics(settings)
+    ctx = mp.get_context("spawn")  # TensorFlow is not fork-safe
+    procs: dict[int, mp.Process] = {}
+    stopping = False
+
+    def start(i: int) -> None:
+        procs[i] = ctx.Process(target=worker_main, args=(settings, i), name=f"detector-{i}")
+        procs[i].start()
+
+    def on_signal(_sig, _frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for i in range(settings.workers):
+        start(i)
+    log.info("detector started", workers=settings.workers, topics=settings.topic_models())
+    exit_code = 0
+    while not stopping:
+        time.sleep(0.5)
+        for i, p in list(procs.items()):
+            if p.is_alive() or stopping:
+                continue
+            if p.exitcode == EXIT_CONFIG_ERROR:
+                log.error("worker cannot start; stopping", worker=i)
+                stopping, exit_code = True, 1
+                break
+            log.warning("worker died; restarting", worker=i, exitcode=p.exitcode)
+            start(i)
+    for p in procs.values():
+        if p.is_alive():
+            p.terminate()  # SIGTERM: the worker finishes its batch and commits
+    for p in procs.values():
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+    log.info("detector stopped")
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anomstream detect", description=__doc__)
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    settings = load_settings(**({"workers": args.workers} if args.workers else {}))
+    try:
+        return supervise(settings)
+    except ArtifactError as exc:
+        setup_logging(settings, "detector").error("cannot start", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""run: the whole pipeline end to end (what `make run` does).
+
+Starts the local broker (unless KAFKA_BOOTSTRAP_SERVERS names a cluster), trains the model sets
+if they are missing, starts the detector and alerter services as their own processes, replays the
+EC2 CPU series and some synthetic transactions through the producer, waits until every input is
+scored and every anomaly handled by the alerter, prints a summary and stops all it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+
+from models.model_set import ModelSet
+from services.producer import encode, replay_frame, send
+from shared.config import REPO_ROOT, Settings, load_settings
+from shared.kafka import client_config, end_offsets, ensure_topics, read_topic
+from shared.local_broker import LocalBroker
+from shared.log import setup_logging
+from shared.synthetic import transactions
+
+
+def delta(before: dict[int, int], after: dict[int, int]) -> int:
+    return sum(after[p] - before.get(p, 0) for p in after)
+
+
+def committed(settings: Settings, group: str, topic: str, partitions) -> dict[int, int]:
+    consumer = Consumer(client_config(settings) | {"group.id": group, "enable.auto.commit": False})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: max(tp.offset, 0) for tp in tps}
+    finally:
+        consumer.close()
+
+
+def wait_for(condition, timeout: float, what: str, procs: dict[str, subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}")
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anomstream run", description=__doc__)
+    parser.add_argument("--epochs", type=int, default=10, help="LSTM epochs if models must be trained")
+    parser.add_argument("--transactions", type=int, default=5000, help="synthetic transactions to send")
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    log = setup_logging(settings, "run")
+    started = time.monotonic()
+    broker = None
+    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        broker = LocalBroker(port=int(settings.bootstrap_servers.rsplit(":", 1)[1]))
+        broker.start()
+        log.info("local kafka broker ready", bootstrap=broker.bootstrap)
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name in (settings.model_input, settings.model_transactions):
+            if not (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
+                log.info("no trained model set; training", name=name, epochs=args.epochs)
+                subprocess.run([sys.executable, "-m", "services.train", "--name", name,
+                                "--epochs", str(args.epochs)], check=True, cwd=REPO_ROOT)
+        ensure_topics(settings)
+        topics = [settings.topic_input, settings.topic_transactions, settings.topic_scores,
+                  settings.topic_anomalies, settings.topic_dead_letter]
+        before = {t: end_offsets(settings, t) for t in topics}
+
+        log_dir = REPO_ROOT / ".cache" / "run"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = os.environ | {"ANOMSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+        with open(log_dir / "detector.log", "ab") as detector_log:
+            procs["detector"] = subprocess.Popen([sys.executable, "-m", "services.detector"], cwd=REPO_ROOT,
+                                                 env=env, stdout=detector_log, stderr=subprocess.STDOUT)
+        # The alerter prints each alert as it arrives (to Slack too, when Slack is configured).
+        procs["alerter"] = subprocess.Popen([sys.executable, "-m", "services.alerter"], cwd=REPO_ROOT,
+                                            env=env | {"ANOMSTREAM_LOG_FORMAT": "console"})
+        log.info("detector and alerter started", detector_log=str(log_dir / "detector.log"))
+
+        keys, values = encode(replay_frame(settings.nab_csvs()))
+        sent = send(settings, settings.topic_input, keys, values, log=log)
+        keys, values = encode(transactions(args.transactions, outlier_prob=0.01, seed=int(time.time())))
+        sent += send(settings, settings.topic_transactions, keys, values, log=log)
+
+        scores_start = before[settings.topic_scores]
+        wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent,
+                 args.timeout, f"{sent} scores", procs)
+        anomalies_end = end_offsets(settings, settings.topic_anomalies)
+        wait_for(lambda: all(committed(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
+                             for p, o in anomalies_end.items()),
+                 args.timeout, "the alerter to handle every anomaly", procs)
+
+        n_anomalies = delta(before[settings.topic_anomalies], anomalies_end)
+        fired = Counter()
+        for msg in read_topic(settings, settings.topic_anomalies, before[settings.topic_anomalies], n_anomalies):
+            rec = orjson.loads(msg.value())
+            fired[rec["source_topic"]] += 1
+            fired["isolation_forest"] += rec["if_anomaly"]
+            fired["lstm_autoencoder"] += rec["lstm_anomaly"]
+        scored = delta(scores_start, end_offsets(settings, settings.topic_scores))
+        dead = delta(before[settings.topic_dead_letter], end_offsets(settings, settings.topic_dead_letter))
+        print(f"SUMMARY produced={sent} scored={scored} anomalies={n_anomalies} "
+              f"(input_data={fired[settings.topic_input]} transactions={fired[settings.topic_transactions]}; "
+              f"isolation_forest={fired['isolation_forest']} lstm_autoencoder={fired['lstm_autoencoder']}) "
+              f"dead_letter={dead} elapsed_s={time.monotonic() - started:.1f}", flush=True)
+        return 0 if scored >= sent else 1
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if broker is not None:
+            broker.stop()
+            log.info("local kafka broker stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""train: fit the model sets the detector loads (default: `ec2_cpu` on the NAB EC2 CPU series and
+`transactions` on normal synthetic transactions) and write them under the model directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from shared.config import load_settings
+from shared.features import read_series_csv
+from shared.log import setup_logging
+from shared.synthetic import transactions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anomstream train", description=__doc__)
+    parser.add_argument("paths", nargs="*", type=Path, help="NAB-style CSVs (timestamp,value) for --name")
+    parser.add_argument("--name", default=None, help="train only this model set (default: both)")
+    parser.add_argument("--synthetic", type=int, default=None, metavar="N",
+                        help="train --name on N normal synthetic transactions instead of CSVs")
+    parser.add_argument("--epochs", type=int, default=50, help="LSTM epochs (seed spec: 50)")
+    parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument("--if-missing", action="store_true", help="skip a model set that already exists")
+    args = parser.parse_args(argv)
+    settings = load_settings(**({"model_dir": args.model_dir} if args.model_dir else {}))
+    log = setup_logging(settings, "train")
+
+    from models.model_set import ModelSet, train_model_set
+
+    jobs: dict[str, pd.DataFrame | None] = {}
+    if args.name:
+        jobs[args.name] = None
+    else:
+        jobs = {settings.model_input: None, settings.model_transactions: None}
+    for name in jobs:
+        if args.synthetic or (not args.paths and name == settings.model_transactions):
+            frame = transactions(args.synthetic or 20_000, outlier_prob=0.0, seed=1)
+        else:
+            paths = args.paths or settings.nab_csvs()
+            if not paths:
+                parser.error(f"no CSV files given and none found under {settings.data_dir}")
+            frame = pd.concat([read_series_csv(p) for p in paths], ignore_index=True)
+        if args.if_missing and (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
+            log.info("model set exists; skipped", name=name)
+            continue
+        log.info("training", name=name, rows=len(frame), epochs=args.epochs)
+        model_set = train_model_set(name, frame[["series", "epoch_s", "value"]], settings.model_dir, args.epochs)
+        log.info("trained", name=name, version=model_set.version,
+                 thresholds={d: round(det.threshold, 6) for d, det in model_set.detectors.items()},
+                 folder=str(ModelSet.folder(settings.model_dir, name)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Message schemas: what goes on each topic, and the fast batch decoder for input messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+
+StrictFloat = Annotated[float, Strict()]  # a JSON number; "1.5" (a string) or true are refused
+
+
+class MetricRecord(BaseModel):
+    """One point of a metric series: the payload of `input_data` and `transactions`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    series: Annotated[str, Strict()] = Field(min_length=1, max_length=256)
+    timestamp: datetime  # ISO 8601 string or epoch seconds; naive means UTC
+    value: StrictFloat
+
+
+class ScoreRecord(BaseModel):
+    """One scored input: the payload of `scores`, and of `anomalies` when is_anomaly."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    series: str
+    timestamp: datetime
+    value: float
+    is_anomaly: bool
+    if_anomaly: bool
+    lstm_anomaly: bool
+    reconstruction_error: float
+    if_score: float
+    model_version: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    source_timestamp_ms: int
+    detected_at: datetime
+    kind: Literal["score"] = "score"
+
+
+_metric_list = TypeAdapter(list[MetricRecord])
+
+
+@dataclass
+class DecodedBatch:
+    """Good messages as columns (positions into the original batch in `index`), bad ones with reasons."""
+
+    index: list[int] = field(default_factory=list)
+    series: list[str] = field(default_factory=list)
+    timestamps: np.ndarray = field(default_factory=lambda: np.empty(0))  # epoch seconds, UTC
+    values: np.ndarray = field(default_factory=lambda: np.empty(0))
+    errors: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _epoch(ts: datetime) -> float:
+    return (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+def decode_metric(payload: bytes | None, max_bytes: int) -> MetricRecord:
+    """Validate one message; raises ValueError with a reason a person can act on."""
+    if payload is None:
+        raise ValueError("empty message (null value)")
+    if len(payload) > max_bytes:
+        raise ValueError(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        return MetricRecord.model_validate_json(payload)
+    except ValidationError as exc:
+        raise ValueError(_describe(exc)) from None
+
+
+def decode_metrics(payloads: list[bytes | None], max_bytes: int) -> DecodedBatch:
+    """Decode a batch. The common all-good case is one pydantic-core call for the whole batch;
+    only a batch that holds a bad message is decoded message by message to find which."""
+    records: list[MetricRecord] | None = None
+    if all(p is not None and 0 < len(p) <= max_bytes for p in payloads):
+        try:
+            records = _metric_list.validate_json(b"[" + b",".join(payloads) + b"]")
+        except ValidationError:
+            records = None
+        # A payload such as `{..},{..}` would smuggle two records into the joined array.
+        if records is not None and len(records) != len(payloads):
+            records = None
+    out = DecodedBatch()
+    if records is not None:
+        out.index = list(range(len(payloads)))
+    else:
+        records = []
+        for i, payload in enumerate(payloads):
+            try:
+                records.append(decode_metric(payload, max_bytes))
+                out.index.append(i)
+            except ValueError as exc:
+                out.errors.append((i, str(exc)))
+    out.series = [r.series for r in records]
+    out.timestamps = np.fromiter((_epoch(r.timestamp) for r in records), np.float64, len(records))
+    out.values = np.fromiter((r.value for r in records), np.float64, len(records))
+    return out
+
+
+def iso_utc(epoch_s: np.ndarray) -> list[str]:
+    """Vectorised epoch seconds -> ISO 8601 strings with a Z suffix."""
+    stamps = np.datetime_as_string(np.asarray(epoch_s * 1000, dtype="int64").astype("datetime64[ms]"), unit="s")
+    return [s + "Z" for s in stamps.tolist()]
