@@ -17,12 +17,11 @@ import time
 from collections import Counter
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
 
 from models.model_set import ModelSet
 from services.producer import encode, replay_frame, send
 from shared.config import REPO_ROOT, Settings, load_settings
-from shared.kafka import client_config, end_offsets, ensure_topics, read_topic
+from shared.kafka import committed_offsets, end_offsets, ensure_topics, read_topic
 from shared.local_broker import LocalBroker
 from shared.log import setup_logging
 from shared.synthetic import transactions
@@ -30,15 +29,6 @@ from shared.synthetic import transactions
 
 def delta(before: dict[int, int], after: dict[int, int]) -> int:
     return sum(after[p] - before.get(p, 0) for p in after)
-
-
-def committed(settings: Settings, group: str, topic: str, partitions) -> dict[int, int]:
-    consumer = Consumer(client_config(settings) | {"group.id": group, "enable.auto.commit": False})
-    try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
-        return {tp.partition: max(tp.offset, 0) for tp in tps}
-    finally:
-        consumer.close()
 
 
 def wait_for(condition, timeout: float, what: str, procs: dict[str, subprocess.Popen]) -> None:
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent,
                  args.timeout, f"{sent} scores", procs)
         anomalies_end = end_offsets(settings, settings.topic_anomalies)
-        wait_for(lambda: all(committed(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
+        wait_for(lambda: all(committed_offsets(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
                              for p, o in anomalies_end.items()),
                  args.timeout, "the alerter to handle every anomaly", procs)
 

@@ -144,6 +144,16 @@ def end_offsets(settings: Settings, topic: str, timeout: float = 10) -> dict[int
         consumer.close()
 
 
+def committed_offsets(settings: Settings, group: str, topic: str, partitions) -> dict[int, int]:
+    """partition -> the offset `group` has committed (0 when it has committed nothing)."""
+    consumer = Consumer(client_config(settings) | {"group.id": group, "enable.auto.commit": False})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: max(tp.offset, 0) for tp in tps}
+    finally:
+        consumer.close()
+
+
 def read_topic(settings: Settings, topic: str, start: dict[int, int] | None = None, count: int | None = None,
                timeout: float = 60, idle: float | None = None) -> list:
     """Messages of `topic` from `start` offsets (default: the beginning), without a consumer group:

@@ -1,0 +1,42 @@
+# anomstream: `make run` runs the whole pipeline end to end; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test train evaluate bench kafka-up kafka-down docker-config clean
+
+install: $(STAMP)
+
+# A fresh machine needs Python >= 3.11, Java 17 and Maven; everything else is fetched here.
+$(STAMP): pyproject.toml broker/pom.xml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m shared.local_broker fetch
+	touch $(STAMP)
+
+run: install
+	$(BIN)/anomstream run
+
+test: install
+	$(BIN)/python -m pytest
+
+train: install
+	$(BIN)/anomstream train --epochs 50
+
+bench: install
+	$(BIN)/anomstream bench
+
+kafka-up: install
+	$(BIN)/anomstream kafka up
+
+kafka-down:
+	$(BIN)/anomstream kafka down
+
+docker-config:
+	docker compose -f docker/docker-compose.yml config --quiet
+
+clean:
+	-$(BIN)/anomstream kafka down
+	rm -rf .cache models/artifacts evaluation_results

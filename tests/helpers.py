@@ -1,0 +1,69 @@
+"""Helpers for tests that run the services against the real broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from shared.config import REPO_ROOT, Settings, load_settings
+from shared.features import read_series_csv
+
+NAB_DIR = REPO_ROOT.parent / "shared" / "data" / "nab_ec2" / "data" / "realAWSCloudwatch"
+SERIES_24AE8D = NAB_DIR / "ec2_cpu_utilization_24ae8d.csv"
+
+
+def as_settings(overrides: dict) -> Settings:
+    return load_settings(**overrides)
+
+
+class Service:
+    """A service started as its own process (`python -m services.NAME`), as in production."""
+
+    def __init__(self, name: str, overrides: dict, log_dir: Path, *args: str):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ANOMSTREAM_")}
+        env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+        env |= {f"ANOMSTREAM_{k.upper()}": str(v) for k, v in overrides.items()}
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=REPO_ROOT,
+                                     env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        return self.proc.returncode
+
+
+def wait_until(condition, timeout: float, what: str, services_to_watch=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        for svc in services_to_watch:
+            assert svc.alive(), f"{svc.name} died while waiting for {what}:\n{svc.log[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def series_frame(path: Path = SERIES_24AE8D) -> pd.DataFrame:
+    return read_series_csv(path)
