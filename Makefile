@@ -34,8 +34,9 @@ kafka-up: install
 kafka-down:
 	$(BIN)/anomstream kafka down
 
-docker-config:
-	docker compose -f docker/docker-compose.yml config --quiet
+docker-config:  # the compose v2 plugin if present, else Debian's docker-compose
+	if docker compose version >/dev/null 2>&1; then docker compose -f docker/docker-compose.yml config --quiet; \
+	else docker-compose -f docker/docker-compose.yml config --quiet; fi
 
 clean:
 	-$(BIN)/anomstream kafka down
