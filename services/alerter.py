@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from datetime import timezone
 
 from confluent_kafka import TopicPartition
 from pydantic import ValidationError
@@ -49,7 +50,8 @@ DETECTOR_LABELS = {"if_anomaly": "IsolationForest", "lstm_anomaly": "LSTM autoen
 
 def format_alert(rec: ScoreRecord) -> tuple[str, list[dict]]:
     fired = [label for field, label in DETECTOR_LABELS.items() if getattr(rec, field)] or ["combined rule"]
-    when = rec.timestamp.strftime("%Y-%m-%d %H:%M:%S UTC")
+    ts = rec.timestamp.astimezone(timezone.utc) if rec.timestamp.tzinfo else rec.timestamp  # naive = UTC
+    when = ts.strftime("%Y-%m-%d %H:%M:%S UTC")
     text = (f":rotating_light: Anomaly in {rec.series} at {when}: value {rec.value:g} "
             f"({', '.join(fired)} fired)")
     blocks = [

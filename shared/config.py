@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 ENV_PREFIX = "ANOMSTREAM_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -100,8 +101,13 @@ def load_settings(**overrides) -> Settings:
         problems = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
-            var = "KAFKA_BOOTSTRAP_SERVERS" if field == "KAFKA_BOOTSTRAP_SERVERS" else (
-                field if field.startswith(ENV_PREFIX) else f"{ENV_PREFIX}{field.upper()}"
-            )
+            if field == "KAFKA_BOOTSTRAP_SERVERS":  # pydantic names the first alias, whichever was set
+                var = f"KAFKA_BOOTSTRAP_SERVERS (or {ENV_PREFIX}BOOTSTRAP_SERVERS)"
+            else:
+                var = field if field.startswith(ENV_PREFIX) else f"{ENV_PREFIX}{field.upper()}"
             problems.append(f"{var}: {err['msg']}")
         raise ConfigError("invalid setting " + "; ".join(problems)) from None
+    except SettingsError as exc:  # e.g. ANOMSTREAM_KAFKA_EXTRA that is not JSON
+        match = re.search(r'field "([^"]+)"', str(exc))
+        var = f"{ENV_PREFIX}{match.group(1).upper()}" if match else "?"
+        raise ConfigError(f"invalid setting {var}: {exc}") from None

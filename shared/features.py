@@ -87,6 +87,7 @@ class SeriesWindows:
                 past = np.repeat(X[idx[:1]], self.seq_len - 1, axis=0)
             seq = np.concatenate([past, X[idx]])
             out[idx] = sliding_window_view(seq, self.seq_len, axis=0).transpose(0, 2, 1)
+            self.history.pop(name, None)  # re-insert: dict order is then least recently seen first
             self.history[name] = seq[len(seq) - (self.seq_len - 1):]
         if len(self.history) > self.max_series:  # bounded memory: forget the oldest series
             for name in list(self.history)[: len(self.history) - self.max_series]:

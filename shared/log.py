@@ -27,6 +27,11 @@ def _redact(value):
         return {k: _redact(v) for k, v in value.items()}
     elif isinstance(value, (list, tuple)):
         return type(value)(_redact(v) for v in value)
+    elif not isinstance(value, (int, float, bool, type(None))):
+        # An object (an exception, say) is rendered by repr/str later: redact that text now.
+        text = repr(value)
+        if any(secret in text for secret in _secrets):
+            return _redact(text)
     return value
 
 

@@ -44,7 +44,10 @@ class ScoreRecord(BaseModel):
     kind: Literal["score"] = "score"
 
 
-_metric_list = TypeAdapter(list[MetricRecord])
+# Each message is wrapped as a one-element array and the arrays are joined with a newline: a raw
+# newline cannot sit inside a JSON string and a record holds no nested arrays, so a message cannot
+# run on into the next one; with exactly one record per wrapper, record i is message i.
+_metric_list = TypeAdapter(list[tuple[MetricRecord]])
 
 
 @dataclass
@@ -86,11 +89,10 @@ def decode_metrics(payloads: list[bytes | None], max_bytes: int) -> DecodedBatch
     records: list[MetricRecord] | None = None
     if all(p is not None and 0 < len(p) <= max_bytes for p in payloads):
         try:
-            records = _metric_list.validate_json(b"[" + b",".join(payloads) + b"]")
+            wrapped = _metric_list.validate_json(b"[[" + b"]\n,[".join(payloads) + b"]]")
+            # A payload such as `{..}],[{..}` would smuggle two records into the joined array.
+            records = [t[0] for t in wrapped] if len(wrapped) == len(payloads) else None
         except ValidationError:
-            records = None
-        # A payload such as `{..},{..}` would smuggle two records into the joined array.
-        if records is not None and len(records) != len(payloads):
             records = None
     out = DecodedBatch()
     if records is not None:
