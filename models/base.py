@@ -3,7 +3,7 @@
 Hyper-parameters go in __init__; fit(history) learns from a FeatureBatch; score(batch) returns one
 float per row, higher = more anomalous; decide(scores) applies the learned threshold; save/load
 write and read one folder. Detectors that keep state across batches (streaming ones) update it
-inside score(), in row order.
+inside score(), in row order, and return a fresh instance from for_stream().
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ class Detector(ABC):
 
     @abstractmethod
     def score(self, batch: FeatureBatch) -> np.ndarray: ...
+
+    def for_stream(self) -> "Detector":
+        """The instance one stream (one Scorer) scores with. A detector that keeps per-series state
+        between batches returns a fresh copy, so two streams never share state; a fitted,
+        stateless one returns itself."""
+        return self
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold

@@ -16,13 +16,22 @@ import pandas as pd
 from models.base import ArtifactError, Detector, read_json, write_json
 from models.isolation_forest import IsolationForestDetector
 from models.lstm_autoencoder import LSTMAutoencoderDetector
+from models.robust_zscore import RobustZScoreDetector
 from shared.features import FEATURES, SEQ_LEN, Scaler, SeriesWindows, build_batch, raw_features
 
 DETECTORS: dict[str, type[Detector]] = {
     IsolationForestDetector.name: IsolationForestDetector,
     LSTMAutoencoderDetector.name: LSTMAutoencoderDetector,
+    RobustZScoreDetector.name: RobustZScoreDetector,
 }
-MANIFEST_FORMAT = 1
+# Raw scores that also go through the anomaly-likelihood stage ("value" = the metric itself);
+# each gives an output named "<source>_likelihood".
+LIKELIHOOD_SOURCES = ["value", "robust_zscore", "isolation_forest", "lstm_autoencoder"]
+# The outputs whose flags make the decision (combined with the configured rule); chosen by NAB
+# score with `anomstream evaluate` (see README, "Detection quality").
+DEFAULT_DECISION = ["value_likelihood"]
+SEED_DECISION = ["isolation_forest", "lstm_autoencoder"]
+MANIFEST_FORMAT = 2
 
 
 @dataclass
@@ -31,6 +40,12 @@ class ModelSet:
     version: str
     scaler: Scaler
     detectors: dict[str, Detector]
+    likelihood_sources: list[str]
+    decision: list[str]
+
+    def outputs(self) -> list[str]:
+        """Every score the set produces: each detector, then each likelihood stage."""
+        return [*self.detectors, *(f"{src}_likelihood" for src in self.likelihood_sources)]
 
     @staticmethod
     def folder(model_dir: Path, name: str) -> Path:
@@ -48,6 +63,7 @@ class ModelSet:
                 f"{path}: trained on features {manifest.get('features')} / seq_len {manifest.get('seq_len')},"
                 f" this code uses {list(FEATURES)} / {SEQ_LEN}; retrain with `anomstream train`")
         unknown = set(manifest.get("detectors", {})) - set(DETECTORS)
+        unknown |= set(manifest.get("likelihood_sources", [])) - set(DETECTORS) - {"value"}
         if unknown:
             raise ArtifactError(f"{path}: unknown detector(s) {sorted(unknown)}")
         return manifest
@@ -57,7 +73,8 @@ class ModelSet:
         manifest = cls.read_manifest(model_dir, name)
         folder = cls.folder(model_dir, name)
         detectors = {d: DETECTORS[d].load(folder / d) for d in manifest["detectors"]}
-        return cls(name, manifest["version"], Scaler.from_dict(manifest["scaler"]), detectors)
+        return cls(name, manifest["version"], Scaler.from_dict(manifest["scaler"]), detectors,
+                   manifest["likelihood_sources"], manifest["decision"])
 
     def save(self, model_dir: Path, data_hash: str, rows: int) -> Path:
         folder = self.folder(model_dir, self.name)
@@ -71,6 +88,8 @@ class ModelSet:
             "seq_len": SEQ_LEN,
             "scaler": self.scaler.to_dict(),
             "detectors": {d: {"threshold": det.threshold} for d, det in self.detectors.items()},
+            "likelihood_sources": self.likelihood_sources,
+            "decision": self.decision,
             "training_data": {"sha256": data_hash, "rows": rows},
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
@@ -78,6 +97,8 @@ class ModelSet:
 
 
 def data_hash(frame: pd.DataFrame) -> str:
+    """SHA-256 of the training rows, independent of the order they were given in."""
+    frame = frame.sort_values(["series", "epoch_s"], kind="stable")
     h = hashlib.sha256()
     h.update("\n".join(map(str, frame["series"])).encode())
     h.update(np.ascontiguousarray(frame["epoch_s"].to_numpy(np.float64)).tobytes())
@@ -85,9 +106,9 @@ def data_hash(frame: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
-def train_model_set(name: str, frame: pd.DataFrame, model_dir: Path, epochs: int = 50,
-                    progress: bool = True) -> ModelSet:
-    """frame: columns series, epoch_s, value, each series in time order."""
+def fit_model_set(name: str, frame: pd.DataFrame, epochs: int = 50, progress: bool = True,
+                  decision: list[str] | None = None) -> ModelSet:
+    """Fit every detector on `frame` (columns series, epoch_s, value; each series in time order)."""
     frame = frame.sort_values(["series", "epoch_s"], kind="stable")
     scaler = Scaler().fit(raw_features(frame["epoch_s"].to_numpy(), frame["value"].to_numpy()))
     history = build_batch(scaler, SeriesWindows(), frame["series"].to_numpy(), frame["epoch_s"].to_numpy(),
@@ -95,9 +116,14 @@ def train_model_set(name: str, frame: pd.DataFrame, model_dir: Path, epochs: int
     detectors: dict[str, Detector] = {
         "isolation_forest": IsolationForestDetector().fit(history),
         "lstm_autoencoder": LSTMAutoencoderDetector(epochs=epochs, progress=progress).fit(history),
+        "robust_zscore": RobustZScoreDetector().fit(history),
     }
-    digest = data_hash(frame)
-    version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest[:8]}"
-    model_set = ModelSet(name, version, scaler, detectors)
-    model_set.save(model_dir, digest, len(frame))
+    version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{data_hash(frame)[:8]}"
+    return ModelSet(name, version, scaler, detectors, list(LIKELIHOOD_SOURCES), list(decision or DEFAULT_DECISION))
+
+
+def train_model_set(name: str, frame: pd.DataFrame, model_dir: Path, epochs: int = 50,
+                    progress: bool = True, decision: list[str] | None = None) -> ModelSet:
+    model_set = fit_model_set(name, frame, epochs, progress, decision)
+    model_set.save(model_dir, data_hash(frame), len(frame))
     return model_set

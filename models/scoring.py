@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.anomaly_likelihood import AnomalyLikelihood
 from models.model_set import ModelSet
 from shared.features import SeriesWindows, build_batch
 
@@ -33,16 +34,28 @@ def combine(flags: dict[str, np.ndarray], rule: str) -> np.ndarray:
 
 
 class Scorer:
-    """Keeps the per-series windows between calls, so it must see each series in time order."""
+    """Keeps the per-series windows and streaming state between calls, so it must see each series
+    in time order. `decision` (default: the model set's) names the outputs that decide."""
 
-    def __init__(self, model_set: ModelSet, rule: str = "or"):
+    def __init__(self, model_set: ModelSet, rule: str = "or", decision: list[str] | None = None):
         combine({"x": np.zeros(1, bool)}, rule)  # reject a bad rule at start, not on the first batch
         self.model_set = model_set
         self.rule = rule
+        self.decision = list(decision or model_set.decision)
+        unknown = set(self.decision) - set(model_set.outputs())
+        if unknown:
+            raise ValueError(f"decision names unknown output(s) {sorted(unknown)}; "
+                             f"model set {model_set.name} has {model_set.outputs()}")
         self.windows = SeriesWindows()
+        self.detectors = {name: det.for_stream() for name, det in model_set.detectors.items()}
+        self.likelihood = {src: AnomalyLikelihood() for src in model_set.likelihood_sources}
 
     def score(self, series, epoch_s, values) -> ScoreResult:
         batch = build_batch(self.model_set.scaler, self.windows, series, epoch_s, values)
-        scores = {name: det.score(batch) for name, det in self.model_set.detectors.items()}
-        flags = {name: self.model_set.detectors[name].decide(s) for name, s in scores.items()}
-        return ScoreResult(scores, flags, combine(flags, self.rule))
+        scores = {name: det.score(batch) for name, det in self.detectors.items()}
+        flags = {name: self.detectors[name].decide(s) for name, s in scores.items()}
+        for src, stage in self.likelihood.items():
+            name = f"{src}_likelihood"
+            scores[name] = stage.update(batch.series, batch.values if src == "value" else scores[src])
+            flags[name] = scores[name] >= stage.threshold
+        return ScoreResult(scores, flags, combine({n: flags[n] for n in self.decision}, self.rule))

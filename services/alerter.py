@@ -49,7 +49,8 @@ DETECTOR_LABELS = {"if_anomaly": "IsolationForest", "lstm_anomaly": "LSTM autoen
 
 
 def format_alert(rec: ScoreRecord) -> tuple[str, list[dict]]:
-    fired = [label for field, label in DETECTOR_LABELS.items() if getattr(rec, field)] or ["combined rule"]
+    fired = [name for name in rec.decision if rec.flags.get(name)] or [
+        label for field, label in DETECTOR_LABELS.items() if getattr(rec, field)] or ["combined rule"]
     ts = rec.timestamp.astimezone(timezone.utc) if rec.timestamp.tzinfo else rec.timestamp  # naive = UTC
     when = ts.strftime("%Y-%m-%d %H:%M:%S UTC")
     text = (f":rotating_light: Anomaly in {rec.series} at {when}: value {rec.value:g} "

@@ -28,7 +28,7 @@ from shared.schemas import decode_metrics, iso_utc
 EXIT_CONFIG_ERROR = 2  # a worker that cannot load its models is not restarted
 
 
-def score_records(msgs, decoded, result, model_version: str) -> list[tuple[bytes, bytes, bool]]:
+def score_records(msgs, decoded, result, model_version: str, decision: list[str]) -> list[tuple[bytes, bytes, bool]]:
     """(key, JSON value, is_anomaly) for each good message, in the shape of schemas.ScoreRecord."""
     stamps = iso_utc(decoded.timestamps)
     detected_at = datetime.now(timezone.utc).isoformat()
@@ -38,6 +38,9 @@ def score_records(msgs, decoded, result, model_version: str) -> list[tuple[bytes
     lstm_flag = result.flags["lstm_autoencoder"].tolist()
     if_score = result.scores["isolation_forest"].tolist()
     recon = result.scores["lstm_autoencoder"].tolist()
+    names = list(result.scores)
+    all_scores = [result.scores[n].tolist() for n in names]
+    all_flags = [result.flags[n].tolist() for n in names]
     out = []
     for j, i in enumerate(decoded.index):
         m = msgs[i]
@@ -47,7 +50,10 @@ def score_records(msgs, decoded, result, model_version: str) -> list[tuple[bytes
             "is_anomaly": is_anomaly[j], "if_anomaly": if_flag[j], "lstm_anomaly": lstm_flag[j],
             "reconstruction_error": recon[j], "if_score": if_score[j], "model_version": model_version,
             "source_topic": m.topic(), "source_partition": m.partition(), "source_offset": m.offset(),
-            "source_timestamp_ms": m.timestamp()[1], "detected_at": detected_at, "kind": "score",
+            "source_timestamp_ms": m.timestamp()[1], "detected_at": detected_at,
+            "scores": {n: col[j] for n, col in zip(names, all_scores)},
+            "flags": {n: col[j] for n, col in zip(names, all_flags)},
+            "decision": decision, "kind": "score",
         }), is_anomaly[j]))
     return out
 
@@ -89,7 +95,7 @@ class Worker:
             if not decoded.index:
                 continue
             result = scorer.score(decoded.series, decoded.timestamps, decoded.values)
-            for key, value, anomalous in score_records(tmsgs, decoded, result, scorer.model_set.version):
+            for key, value, anomalous in score_records(tmsgs, decoded, result, scorer.model_set.version, scorer.decision):
                 produce(self.producer, s.topic_scores, value, key, on_delivery=tracker)
                 if anomalous:
                     produce(self.producer, s.topic_anomalies, value, key, on_delivery=tracker)
@@ -143,9 +149,9 @@ def worker_main(settings: Settings, worker_id: int) -> None:
     configure_tensorflow(1)
     log = setup_logging(settings, "detector").bind(worker=worker_id)
     try:
-        scorers = {topic: Scorer(ModelSet.load(settings.model_dir, name), settings.combine)
+        scorers = {topic: Scorer(ModelSet.load(settings.model_dir, name), settings.combine, settings.decision)
                    for topic, name in settings.topic_models().items()}
-    except ArtifactError as exc:
+    except (ArtifactError, ValueError) as exc:
         log.error("cannot load models", error=str(exc))
         sys.exit(EXIT_CONFIG_ERROR)
     worker = Worker(settings, worker_id, scorers)

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     model_input: str = "ec2_cpu"
     model_transactions: str = "transactions"
     combine: Literal["or", "and", "majority"] = "or"
+    # Outputs whose flags decide (JSON list, e.g. '["isolation_forest","lstm_autoencoder"]' for the
+    # seed's IF-or-LSTM); default: the model set's own decision, chosen by NAB score.
+    decision: list[str] | None = None
 
     # --- Alerter service
     alerter_group: str = "anomstream-alerter"

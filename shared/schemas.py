@@ -41,6 +41,9 @@ class ScoreRecord(BaseModel):
     source_offset: int
     source_timestamp_ms: int
     detected_at: datetime
+    scores: dict[str, float] = {}  # every output of the model set, incl. the likelihood stages
+    flags: dict[str, bool] = {}
+    decision: list[str] = []  # the outputs whose flags made is_anomaly
     kind: Literal["score"] = "score"
 
 

@@ -13,7 +13,7 @@ import pytest
 from models.base import ArtifactError
 from models.isolation_forest import IsolationForestDetector
 from models.lstm_autoencoder import LSTMAutoencoderDetector
-from models.model_set import MANIFEST_FORMAT, ModelSet, data_hash, train_model_set
+from models.model_set import MANIFEST_FORMAT, SEED_DECISION, ModelSet, data_hash, train_model_set
 from models.scoring import Scorer, combine
 from services.detector import score_records
 from shared.features import FEATURES, SEQ_LEN, Scaler, SeriesWindows, build_batch, raw_features
@@ -184,10 +184,12 @@ def test_manifest_records_training_data_and_version(trained, frame):
     assert manifest["training_data"]["sha256"] == h.hexdigest()
     assert manifest["version"] == model_set.version
     assert manifest["version"].startswith("unit-") and manifest["version"].endswith(h.hexdigest()[:8])
-    assert set(manifest["detectors"]) == {"isolation_forest", "lstm_autoencoder"}
+    assert set(manifest["detectors"]) == {"isolation_forest", "lstm_autoencoder", "robust_zscore"}
     for name, det in model_set.detectors.items():
         assert manifest["detectors"][name]["threshold"] == det.threshold
         assert (folder / "unit" / name).is_dir()
+    assert manifest["decision"] == model_set.decision and manifest["likelihood_sources"] == model_set.likelihood_sources
+    assert ModelSet.load(folder, "unit").decision == model_set.decision
 
 
 def test_data_hash_ignores_row_order_of_sorted_input_but_not_values(frame):
@@ -263,13 +265,23 @@ def test_scorer_flags_follow_thresholds_and_rule(trained):
     _, model_set = trained
     data = transactions(100, outlier_prob=0.1, accounts=2, seed=4)
     for rule in ("or", "and", "majority"):
-        r = Scorer(model_set, rule).score(data["series"], data["epoch_s"].to_numpy(), data["value"].to_numpy())
+        r = Scorer(model_set, rule, SEED_DECISION).score(data["series"], data["epoch_s"].to_numpy(), data["value"].to_numpy())
         f_if = r.scores["isolation_forest"] > model_set.detectors["isolation_forest"].threshold
         f_lstm = r.scores["lstm_autoencoder"] > model_set.detectors["lstm_autoencoder"].threshold
         np.testing.assert_array_equal(r.flags["isolation_forest"], f_if)
         np.testing.assert_array_equal(r.flags["lstm_autoencoder"], f_lstm)
         expected = {"or": f_if | f_lstm, "and": f_if & f_lstm, "majority": f_if & f_lstm}[rule]
         np.testing.assert_array_equal(r.is_anomaly, expected)
+
+
+def test_default_decision_is_the_model_sets_and_unknown_names_are_refused(trained):
+    _, model_set = trained
+    data = transactions(400, outlier_prob=0.05, accounts=2, seed=5)
+    r = Scorer(model_set).score(data["series"], data["epoch_s"].to_numpy(), data["value"].to_numpy())
+    flags = np.vstack([r.flags[n] for n in model_set.decision])
+    np.testing.assert_array_equal(r.is_anomaly, flags.any(axis=0))
+    with pytest.raises(ValueError, match="unknown output"):
+        Scorer(model_set, "or", ["no_such_detector"])
 
 
 def test_combine_rules_on_hand_made_flags():
@@ -304,8 +316,9 @@ def test_score_records_validate_as_score_records(trained):
             for i, p in enumerate(payloads)]
     decoded = decode_metrics([m.value() for m in msgs], 4096)
     assert [pos for pos, _ in decoded.errors] == [4]
-    result = Scorer(model_set).score(decoded.series, decoded.timestamps, decoded.values)
-    out = score_records(msgs, decoded, result, model_set.version)
+    scorer = Scorer(model_set)
+    result = scorer.score(decoded.series, decoded.timestamps, decoded.values)
+    out = score_records(msgs, decoded, result, model_set.version, scorer.decision)
     assert len(out) == 11
     for j, (key, value, anomalous) in enumerate(out):
         i = decoded.index[j]
@@ -318,6 +331,9 @@ def test_score_records_validate_as_score_records(trained):
         assert rec.model_version == model_set.version
         assert rec.is_anomaly == anomalous == bool(result.is_anomaly[j])
         assert rec.if_anomaly == bool(result.flags["isolation_forest"][j])
+        assert rec.decision == scorer.decision
+        assert set(rec.scores) == set(rec.flags) == set(model_set.outputs())
+        assert rec.scores["robust_zscore"] == pytest.approx(result.scores["robust_zscore"][j])
         assert rec.lstm_anomaly == bool(result.flags["lstm_autoencoder"][j])
         assert rec.if_score == pytest.approx(float(result.scores["isolation_forest"][j]))
         assert rec.reconstruction_error == pytest.approx(float(result.scores["lstm_autoencoder"][j]))

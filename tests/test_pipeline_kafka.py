@@ -30,6 +30,7 @@ def test_replay_scores_every_input_once_and_alerts_reach_slack(pipeline_settings
         overrides = pipeline_settings | {
             "slack_bot_token": VALID_TOKEN, "slack_base_url": slack.base_url,
             "slack_channel": "#sre-alerts", "alert_cooldown_s": 86400,
+            "decision": '["isolation_forest", "lstm_autoencoder"]',  # the seed's IF-or-LSTM
         }
         settings = as_settings(overrides)
         ensure_topics(settings)
@@ -50,6 +51,7 @@ def test_replay_scores_every_input_once_and_alerts_reach_slack(pipeline_settings
             (m.partition(), m.offset()) for m in read_topic(settings, settings.topic_input, idle=2)}
 
         anomalies = [r for r in records if r.is_anomaly]
+        assert all(r.is_anomaly == (r.if_anomaly or r.lstm_anomaly) for r in records)
         assert anomalies, "the seed IsolationForest flags about 10% of training-like data"
         assert count(settings, settings.topic_anomalies) == len(anomalies)
 
