@@ -8,6 +8,11 @@ seen before (the last `history` of them) give a mean and standard deviation; the
 of 'red' tails (<= 1e-5) keeps its value; the rest of the run is lowered to 'yellow' (1e-3), so one
 change raises one alarm. The output is Numenta's log scale in [0, 1], where 0.5 means a tail
 probability of 1e-5 -- the published alarm threshold, used here as is.
+
+One addition to Numenta's stage: an alarm that recurs at the same time of day as a (raw) alarm
+one `recurrence_period_s` earlier (+- `recurrence_tolerance_s`) is a daily pattern, not an
+incident -- a nightly batch job, a backup -- and is lowered just below the threshold. It needs
+timestamps; without them the stage is Numenta's as published.
 """
 
 from __future__ import annotations
@@ -23,29 +28,35 @@ class AnomalyLikelihood:
     threshold = 0.5
 
     def __init__(self, avg_window: int = 10, history: int = 8640, learning_period: int = 300,
-                 min_history: int = 50, red: float = 1e-5, yellow: float = 1e-3, max_series: int = 100_000):
+                 min_history: int = 50, red: float = 1e-5, yellow: float = 1e-3,
+                 recurrence_period_s: float | None = 86400.0, recurrence_tolerance_s: float = 1800.0,
+                 max_series: int = 100_000):
         self.avg_window = avg_window
         self.history = history
         self.learning_period = learning_period
         self.min_history = min_history
         self.red = red
         self.yellow = yellow
+        self.recurrence_period_s = recurrence_period_s
+        self.recurrence_tolerance_s = recurrence_tolerance_s
         self.max_series = max_series
-        # series -> (last avg_window-1 raw scores, last `history` averages, points seen, last raw tail was red)
-        self.state: dict[str, tuple[np.ndarray, np.ndarray, int, bool]] = {}
+        # series -> (last avg_window-1 raw scores, last `history` averages, points seen, last raw tail
+        # was red, times of the raw alarms of the last recurrence period)
+        self.state: dict[str, tuple[np.ndarray, np.ndarray, int, bool, np.ndarray]] = {}
 
-    def update(self, series: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    def update(self, series: np.ndarray, raw: np.ndarray, epoch_s: np.ndarray | None = None) -> np.ndarray:
         """Log-likelihood in [0, 1] for each row, in row order within each series."""
         raw = np.asarray(raw, dtype=np.float64)
         out = np.empty(len(raw))
         codes, names = pd.factorize(np.asarray(series, dtype=object))
         for code, name in enumerate(names):
             idx = np.flatnonzero(codes == code)
-            out[idx] = self._update_one(name, raw[idx])
+            out[idx] = self._update_one(name, raw[idx], None if epoch_s is None else np.asarray(epoch_s)[idx])
         return out
 
-    def _update_one(self, name: str, raw: np.ndarray) -> np.ndarray:
-        past_raw, past_avg, seen, prev_red = self.state.pop(name, (np.empty(0), np.empty(0), 0, False))
+    def _update_one(self, name: str, raw: np.ndarray, epoch_s: np.ndarray | None) -> np.ndarray:
+        past_raw, past_avg, seen, prev_red, past_alarms = self.state.pop(
+            name, (np.empty(0), np.empty(0), 0, False, np.empty(0)))
         m, w, h = len(raw), self.avg_window, self.history
         raw_all = np.concatenate([past_raw, raw])
         c = np.concatenate([[0.0], np.cumsum(raw_all)])
@@ -71,8 +82,24 @@ class AnomalyLikelihood:
         red = tail <= self.red
         prev = np.concatenate([[prev_red], red[:-1]])
         filtered = np.where(red & prev, self.yellow, tail)
+        score = np.clip(np.log(filtered + 1e-10) / LOG_1E_10, 0.0, 1.0)
+        if epoch_s is not None and self.recurrence_period_s:
+            score, past_alarms = self._lower_recurring(score, epoch_s, past_alarms)
         self.state[name] = (raw_all[max(0, len(raw_all) - (w - 1)):], seq[max(0, len(seq) - h):], seen + m,
-                            bool(red[-1]))
+                            bool(red[-1]), past_alarms)
         if len(self.state) > self.max_series:  # bounded memory: forget the least recently seen series
             del self.state[next(iter(self.state))]
-        return np.clip(np.log(filtered + 1e-10) / LOG_1E_10, 0.0, 1.0)
+        return score
+
+    def _lower_recurring(self, score: np.ndarray, epoch_s: np.ndarray, past_alarms: np.ndarray):
+        period, tol = self.recurrence_period_s, self.recurrence_tolerance_s
+        alarm = score >= self.threshold
+        times = np.concatenate([past_alarms, epoch_s[alarm]])  # raw alarms, in time order
+        # An alarm recurs if some raw alarm lies within +-tol of the same time one period earlier.
+        lo = np.searchsorted(times, epoch_s[alarm] - period - tol, side="left")
+        hi = np.searchsorted(times, epoch_s[alarm] - period + tol, side="right")
+        recurring = np.zeros(len(score), bool)
+        recurring[np.flatnonzero(alarm)[hi > lo]] = True
+        score = np.where(recurring, np.nextafter(self.threshold, 0.0), score)
+        keep_from = epoch_s[-1] - period - tol if len(epoch_s) else -np.inf
+        return score, times[times >= keep_from]

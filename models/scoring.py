@@ -56,6 +56,7 @@ class Scorer:
         flags = {name: self.detectors[name].decide(s) for name, s in scores.items()}
         for src, stage in self.likelihood.items():
             name = f"{src}_likelihood"
-            scores[name] = stage.update(batch.series, batch.values if src == "value" else scores[src])
+            scores[name] = stage.update(batch.series, batch.values if src == "value" else scores[src],
+                                        batch.timestamps)
             flags[name] = scores[name] >= stage.threshold
         return ScoreResult(scores, flags, combine({n: flags[n] for n in self.decision}, self.rule))

@@ -13,6 +13,7 @@ COMMANDS = {
     "alert": ("services.alerter", "post anomalies to Slack"),
     "run": ("services.run_pipeline", "the whole pipeline end to end on the local broker"),
     "bench": ("services.bench", "throughput and latency benchmark"),
+    "evaluate": ("services.evaluate", "detection quality on labelled NAB-layout data"),
 }
 
 

@@ -40,7 +40,9 @@ def load_windows(path: str | Path) -> dict[str, list[tuple[pd.Timestamp, pd.Time
 
 def window_indices(timestamps: pd.Series | np.ndarray, windows) -> list[tuple[int, int]]:
     """Inclusive row bounds ``(L, R)`` of each window; timestamps must be sorted ascending."""
-    idx = pd.DatetimeIndex(pd.to_datetime(np.asarray(timestamps)))
+    idx = pd.DatetimeIndex(pd.to_datetime(timestamps))
+    if idx.tz is not None:  # NAB's label times are UTC without an offset
+        idx = idx.tz_convert("UTC").tz_localize(None)
     bounds = []
     for start, end in windows:
         lo = int(idx.searchsorted(pd.Timestamp(start), side="left"))

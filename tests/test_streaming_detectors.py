@@ -101,3 +101,29 @@ def test_robust_zscore_stream_equals_batch_and_streams_do_not_share_state():
     cuts = [0, 3, 150, 151, 990, 1500]
     parts = np.concatenate([stream.score(batch(series[a:b], values[a:b])) for a, b in zip(cuts[:-1], cuts[1:])])
     np.testing.assert_allclose(parts, whole, rtol=1e-12)
+
+
+def test_a_daily_recurring_alarm_is_lowered_but_a_new_one_is_not():
+    rng = np.random.default_rng(3)
+    step = 300.0  # 5-minute points, 288 a day
+    n = 288 * 6
+    t = 1_600_000_000.0 + np.arange(n) * step
+    raw = rng.normal(0, 1, n)
+    spike_days = [2, 3, 4, 5]
+    for day in spike_days:  # the same 03:00 spike every day from day 2 on
+        raw[day * 288 + 36: day * 288 + 40] = 30.0
+    raw[5 * 288 + 200: 5 * 288 + 210] = 60.0  # and an incident at another hour of the last day
+    stage = AnomalyLikelihood(learning_period=300)
+    out = stage.update(one_series(n), raw, t)
+    alarms = np.flatnonzero(out >= stage.threshold)
+    assert any(2 * 288 + 36 <= i < 2 * 288 + 46 for i in alarms), "the first 03:00 spike is an incident"
+    for day in (3, 4, 5):  # the repeats are lowered just below the threshold
+        assert not any(day * 288 + 30 <= i < day * 288 + 50 for i in alarms)
+        assert out[day * 288 + 36: day * 288 + 46].max() > 0.49
+    assert any(5 * 288 + 200 <= i < 5 * 288 + 210 for i in alarms), "a spike at a new hour still alarms"
+    assert alarms[0] >= 2 * 288
+    # Streaming in chunks keeps the recurrence memory.
+    stage2 = AnomalyLikelihood(learning_period=300)
+    cuts = [0, 500, 577, 900, 1300, n]
+    parts = np.concatenate([stage2.update(one_series(b - a), raw[a:b], t[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
+    np.testing.assert_allclose(parts, out, rtol=1e-9, atol=1e-12)
