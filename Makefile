@@ -28,6 +28,9 @@ train: install
 bench: install
 	$(BIN)/anomstream bench
 
+evaluate: install
+	$(BIN)/anomstream evaluate
+
 kafka-up: install
 	$(BIN)/anomstream kafka up
 
