@@ -21,7 +21,8 @@ from tqdm import tqdm
 from shared.config import load_settings
 from shared.features import read_series_csv
 from shared.log import setup_logging
-from shared.nab_scoring import load_windows, nab_scores_all_profiles, probation_length, window_indices, window_metrics
+from shared.nab_scoring import (PROFILES, load_windows, nab_score_fixed, nab_scores_all_profiles, probation_length,
+                                window_indices, window_metrics)
 
 # Ensembles reported beside the single outputs: (outputs, rule).
 ENSEMBLES = {
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["alarms"].append(alarms[scored])
             entry["truth"].append(truth[scored])
             entry["window"].append(window_metrics(alarms, widx, probation))
-            entry["flags"][key] = (alarms.astype(float), widx)
+            entry["flags"][key] = (alarms, widx)
             if name.endswith("_likelihood"):  # in [0, 1]: NAB's threshold sweep applies
                 entry["scores"][key] = (scores[name], widx)
         out = pd.DataFrame({
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             **point_metrics(np.concatenate(entry["alarms"]), np.concatenate(entry["truth"])),
             "window": {"precision": wp, "recall": wr, "f1": 2 * wp * wr / (wp + wr) if wp + wr else 0.0,
                        "found": tw, "missed": nw, "false_alarms": fw},
-            "nab": {p: r["score"] for p, r in nab_scores_all_profiles(entry["flags"]).items()},
+            # At the detector's own (deployed) threshold; the leaderboard's swept figure is below.
+            "nab": {p: nab_score_fixed(entry["flags"], p)["score"] for p in PROFILES},
         }
         if entry["scores"]:
             best = nab_scores_all_profiles(entry["scores"])

@@ -1,4 +1,4 @@
-"""Numenta Anomaly Benchmark (NAB) scorer, re-implemented from /work/shared/docs/nab-scoring.md.
+"""Numenta Anomaly Benchmark (NAB) scorer, re-implemented from the published method (summarised in ../shared/docs/nab-scoring.md).
 
 Windows are given as inclusive row-index bounds ``(L, R)``, sorted and non-overlapping, as
 produced by :func:`window_indices` from ``combined_windows.json``.
@@ -165,6 +165,18 @@ def nab_score(series: dict[str, tuple[np.ndarray, list[tuple[int, int]]]], profi
         "fp": sum(r["fp"] for r in per_series),
         "fn": sum(r["fn"] for r in per_series),
     }
+
+
+def nab_score_fixed(series: dict[str, tuple[np.ndarray, list[tuple[int, int]]]], profile: str) -> dict:
+    """Normalised NAB score of fixed boolean alarms (a deployed decision): no threshold sweep, so
+    a detector that alarms too often scores below 0 instead of being swept to 'never fire'."""
+    w = PROFILES[profile]
+    n_windows = sum(len(widx) for _, widx in series.values())
+    if n_windows == 0:
+        raise ValueError("no windows in the series given: the score cannot be normalised")
+    s_perfect, s_null = w["tp"] * n_windows, -w["fn"] * n_windows
+    raw = sum(score_series(np.asarray(alarms, bool), widx, profile)["score"] for alarms, widx in series.values())
+    return {"score": 100.0 * (raw - s_null) / (s_perfect - s_null), "raw": raw, "perfect": s_perfect, "null": s_null}
 
 
 def nab_scores_all_profiles(series) -> dict[str, dict]:

@@ -6,10 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from shared.config import REPO_ROOT
 from shared.nab_scoring import (
     PROFILES,
     load_windows,
     nab_score,
+    nab_score_fixed,
     nab_scores_all_profiles,
     probation_length,
     score_series,
@@ -17,7 +19,7 @@ from shared.nab_scoring import (
     window_metrics,
 )
 
-NAB_DIR = Path("/work/shared/data/nab_ec2")
+NAB_DIR = REPO_ROOT.parent / "shared" / "data" / "nab_ec2"
 
 # Synthetic series: 200 rows -> probation = floor(0.15 * 200) = 30 rows.
 N = 200
@@ -275,3 +277,19 @@ def test_window_metrics_hand_case():
 
     m = window_metrics(np.zeros(20, bool), [])
     assert (m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0)
+
+
+def test_fixed_alarms_are_scored_as_given_not_swept():
+    # One window [100, 119] in 1000 rows, no probation issue (probation = 150 rows: use 2000 rows).
+    widx = [(1000, 1019)]
+    alarms = np.zeros(2000, bool)
+    alarms[1000] = True  # perfect
+    assert nab_score_fixed({"a": (alarms, widx)}, "standard")["score"] == pytest.approx(100.0)
+    noisy = np.zeros(2000, bool)
+    noisy[300:800] = True  # 500 false alarms before the window, window missed
+    raw = -1.0 - 500 * 0.11  # A_FN plus 500 x A_FP (all before the first window)
+    expected = 100 * (raw - (-1.0)) / (1.0 - (-1.0))
+    fixed = nab_score_fixed({"a": (noisy, widx)}, "standard")
+    assert fixed["score"] == pytest.approx(expected) and fixed["score"] < 0
+    # The sweep, given the same 0/1 scores, would rather never fire.
+    assert nab_score({"a": (noisy.astype(float), widx)}, "standard")["score"] == pytest.approx(0.0)
