@@ -25,8 +25,10 @@ DETECTORS: dict[str, type[Detector]] = {
     RobustZScoreDetector.name: RobustZScoreDetector,
 }
 # Raw scores that also go through the anomaly-likelihood stage ("value" = the metric itself);
-# each gives an output named "<source>_likelihood".
-LIKELIHOOD_SOURCES = ["value", "robust_zscore", "isolation_forest", "lstm_autoencoder"]
+# each gives an output named "<source>_likelihood". Deployed sets run the two that score well
+# (see README, "Detection quality"); `evaluate` runs them all.
+LIKELIHOOD_SOURCES = ["value", "robust_zscore"]
+ALL_LIKELIHOOD_SOURCES = ["value", "robust_zscore", "isolation_forest", "lstm_autoencoder"]
 # The outputs whose flags make the decision (combined with the configured rule); chosen by NAB
 # score with `anomstream evaluate` (see README, "Detection quality").
 DEFAULT_DECISION = ["value_likelihood"]
@@ -107,7 +109,7 @@ def data_hash(frame: pd.DataFrame) -> str:
 
 
 def fit_model_set(name: str, frame: pd.DataFrame, epochs: int = 50, progress: bool = True,
-                  decision: list[str] | None = None) -> ModelSet:
+                  decision: list[str] | None = None, likelihood_sources: list[str] | None = None) -> ModelSet:
     """Fit every detector on `frame` (columns series, epoch_s, value; each series in time order)."""
     frame = frame.sort_values(["series", "epoch_s"], kind="stable")
     scaler = Scaler().fit(raw_features(frame["epoch_s"].to_numpy(), frame["value"].to_numpy()))
@@ -119,7 +121,8 @@ def fit_model_set(name: str, frame: pd.DataFrame, epochs: int = 50, progress: bo
         "robust_zscore": RobustZScoreDetector().fit(history),
     }
     version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{data_hash(frame)[:8]}"
-    return ModelSet(name, version, scaler, detectors, list(LIKELIHOOD_SOURCES), list(decision or DEFAULT_DECISION))
+    return ModelSet(name, version, scaler, detectors, list(likelihood_sources or LIKELIHOOD_SOURCES),
+                    list(decision or DEFAULT_DECISION))
 
 
 def train_model_set(name: str, frame: pd.DataFrame, model_dir: Path, epochs: int = 50,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bottleneck as bn
 import numpy as np
 import pandas as pd
 
@@ -40,17 +41,26 @@ class RobustZScoreDetector(Detector):
             # exactly the scores of the whole series scored at once.
             past_values, past_devs = self.past.pop(name, (np.empty(0), np.empty(0)))
             new = batch.values[idx]
-            values = pd.Series(np.concatenate([past_values, new]))
-            median = values.rolling(window, min_periods=min_points).median().shift(1).to_numpy()[len(past_values):]
-            devs = pd.Series(np.concatenate([past_devs, np.abs(new - median)]))
-            mad = devs.rolling(window, min_periods=min_points).median().shift(1).to_numpy()[len(past_devs):]
+            values = np.concatenate([past_values, new])
+            median = self._median_before(values, len(past_values))
+            devs = np.concatenate([past_devs, np.abs(new - median)])
+            mad = self._median_before(devs, len(past_devs))
             z = np.abs(new - median) / (1.4826 * mad + 1e-9)
             out[idx] = np.minimum(np.nan_to_num(z, nan=0.0), cap)
-            self.past[name] = (values.to_numpy()[max(0, len(values) - window):],
-                               devs.to_numpy()[max(0, len(devs) - window):])
+            self.past[name] = (values[max(0, len(values) - window):], devs[max(0, len(devs) - window):])
         while len(self.past) > self.max_series:
             del self.past[next(iter(self.past))]
         return out
+
+    def _median_before(self, x: np.ndarray, start: int) -> np.ndarray:
+        """For x[start:], the median of the `window` points before each (bottleneck's C moving
+        median, not pandas rolling: this runs per series per batch in the detector service)."""
+        window, min_points = self.params["window"], self.params["min_points"]
+        if len(x) < min_points:
+            return np.full(len(x) - start, np.nan)
+        # A window longer than the data means "every point so far" (bottleneck wants it to fit).
+        moving = bn.move_median(x, min(window, len(x)), min_count=min_points)
+        return np.concatenate([[np.nan], moving])[start:len(x)]
 
     def save(self, folder: Path) -> None:
         write_json(folder / "robust_zscore.json", {"params": self.params})

@@ -45,11 +45,12 @@ def point_metrics(alarms: np.ndarray, truth: np.ndarray) -> dict:
 
 def score_series(frame: pd.DataFrame, epochs: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], object]:
     """(scores, flags) for every output and ensemble of a model set fitted on the probation rows."""
-    from models.model_set import DEFAULT_DECISION, fit_model_set
+    from models.model_set import ALL_LIKELIHOOD_SOURCES, DEFAULT_DECISION, fit_model_set
     from models.scoring import Scorer, combine
 
     probation = probation_length(len(frame))
-    model_set = fit_model_set(frame["series"].iloc[0], frame.iloc[:probation], epochs, progress=False)
+    model_set = fit_model_set(frame["series"].iloc[0], frame.iloc[:probation], epochs, progress=False,
+                              likelihood_sources=ALL_LIKELIHOOD_SOURCES)
     result = Scorer(model_set).score(frame["series"].to_numpy(), frame["epoch_s"].to_numpy(),
                                      frame["value"].to_numpy())
     scores, flags = dict(result.scores), dict(result.flags)
