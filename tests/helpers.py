@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,7 +29,9 @@ class Service:
     def __init__(self, name: str, overrides: dict, log_dir: Path, *args: str):
         env = {k: v for k, v in os.environ.items() if not k.startswith("ANOMSTREAM_")}
         env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-        env |= {f"ANOMSTREAM_{k.upper()}": str(v) for k, v in overrides.items()}
+        # Lists and dicts reach pydantic-settings as JSON, as an operator would write them.
+        env |= {f"ANOMSTREAM_{k.upper()}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                for k, v in overrides.items()}
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.log_file = open(self.log_path, "wb")

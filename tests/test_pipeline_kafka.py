@@ -30,7 +30,7 @@ def test_replay_scores_every_input_once_and_alerts_reach_slack(pipeline_settings
         overrides = pipeline_settings | {
             "slack_bot_token": VALID_TOKEN, "slack_base_url": slack.base_url,
             "slack_channel": "#sre-alerts", "alert_cooldown_s": 86400,
-            "decision": '["isolation_forest", "lstm_autoencoder"]',  # the seed's IF-or-LSTM
+            "decision": ["isolation_forest", "lstm_autoencoder"],  # the seed's IF-or-LSTM
         }
         settings = as_settings(overrides)
         ensure_topics(settings)
