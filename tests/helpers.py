@@ -70,3 +70,34 @@ def wait_until(condition, timeout: float, what: str, services_to_watch=()):
 
 def series_frame(path: Path = SERIES_24AE8D) -> pd.DataFrame:
     return read_series_csv(path)
+
+
+class FakeMsg:
+    """The parts of a confluent_kafka.Message the services read, for unit tests without a broker."""
+
+    def __init__(self, value: bytes | None, key: bytes | None = b"k", topic: str = "input_data",
+                 partition: int = 0, offset: int = 0, timestamp_ms: int = 1_700_000_000_000):
+        self._value, self._key, self._topic = value, key, topic
+        self._partition, self._offset, self._ts = partition, offset, timestamp_ms
+
+    def value(self):
+        return self._value
+
+    def key(self):
+        return self._key
+
+    def topic(self):
+        return self._topic
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+    def timestamp(self):
+        return (1, self._ts)  # (TIMESTAMP_CREATE_TIME, ms)
+
+    def error(self):
+        return None
+

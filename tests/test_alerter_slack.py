@@ -8,6 +8,7 @@ import socket
 from datetime import datetime, timezone
 
 import pytest
+from helpers import FakeMsg
 from slack_server import VALID_TOKEN, SlackTestServer
 from slack_sdk.errors import SlackApiError
 
@@ -31,29 +32,6 @@ def record(series="cpu-web-1", ts=T0, value=97.25, if_anomaly=True, lstm_anomaly
 
 def score_record(**kw) -> ScoreRecord:
     return ScoreRecord.model_validate(record(**kw))
-
-
-class FakeMsg:
-    def __init__(self, value: bytes | None, key: bytes | None = b"k", topic="anomalies", partition=0, offset=0):
-        self._value, self._key, self._topic, self._partition, self._offset = value, key, topic, partition, offset
-
-    def value(self):
-        return self._value
-
-    def key(self):
-        return self._key
-
-    def topic(self):
-        return self._topic
-
-    def partition(self):
-        return self._partition
-
-    def offset(self):
-        return self._offset
-
-    def error(self):
-        return None
 
 
 class FakeProducer:

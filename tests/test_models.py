@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import FakeMsg
 
 from models.base import ArtifactError
 from models.isolation_forest import IsolationForestDetector
@@ -19,30 +20,6 @@ from services.detector import score_records
 from shared.features import FEATURES, SEQ_LEN, Scaler, SeriesWindows, build_batch, raw_features
 from shared.schemas import ScoreRecord, decode_metrics
 from shared.synthetic import transactions
-
-
-class FakeMsg:
-    """Just what score_records reads from a confluent_kafka.Message."""
-
-    def __init__(self, value: bytes, topic: str = "input_data", partition: int = 0, offset: int = 0,
-                 timestamp_ms: int = 1_700_000_000_000):
-        self._value, self._topic, self._partition, self._offset = value, topic, partition, offset
-        self._ts = timestamp_ms
-
-    def value(self):
-        return self._value
-
-    def topic(self):
-        return self._topic
-
-    def partition(self):
-        return self._partition
-
-    def offset(self):
-        return self._offset
-
-    def timestamp(self):
-        return (1, self._ts)  # (TIMESTAMP_CREATE_TIME, ms)
 
 
 def history_batch(frame: pd.DataFrame):
