@@ -134,12 +134,26 @@ def dead_letter(producer: Producer, settings: Settings, msg, reason: str, servic
     ])
 
 
+TRANSIENT_PARTITION_ERRORS = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION}
+
+
 def end_offsets(settings: Settings, topic: str, timeout: float = 10) -> dict[int, int]:
     """partition -> high watermark (the offset the next message will get)."""
     consumer = Consumer(client_config(settings) | {"group.id": "anomstream-offsets", "enable.auto.commit": False})
+    deadline = time.monotonic() + timeout
     try:
-        parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in parts}
+        while True:
+            try:
+                parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+                return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+                        for p in parts}
+            except KafkaException as exc:
+                # A partition created a moment ago can still answer "not leader" although the
+                # metadata already names its leader.
+                if exc.args[0].code() not in TRANSIENT_PARTITION_ERRORS or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         consumer.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import uuid
 import time
 from pathlib import Path
 
@@ -172,3 +173,13 @@ def test_worker_killed_mid_stream_leaves_no_gap(pipeline_settings, services):
 
     wait_until(covered, 180, "every input scored after the restart", [detector])
     assert victim not in worker_pids(detector.proc.pid)
+
+
+def test_offsets_of_a_topic_created_a_moment_ago(pipeline_settings):
+    # Right after creation a partition can answer "not leader"; end_offsets waits that out.
+    settings = as_settings(pipeline_settings)
+    for _ in range(3):
+        topics = {f"fresh_{uuid.uuid4().hex[:8]}": 3 for _ in range(4)}
+        ensure_topics(settings, topics)
+        for topic in topics:
+            assert end_offsets(settings, topic) == {0: 0, 1: 0, 2: 0}
