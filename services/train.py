@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.if_missing and (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
             log.info("model set exists; skipped", name=name)
             continue
+        # Transactions are point outliers in short per-account histories: the likelihood stage (the
+        # metric default) is still learning there. On 5000 synthetic transactions with 1% outliers the
+        # robust z-score finds 29 of 39 with 1 false alarm; IsolationForest 39 with 233 false alarms.
+        decision = ["robust_zscore"] if name == settings.model_transactions else None
         log.info("training", name=name, rows=len(frame), epochs=args.epochs)
-        model_set = train_model_set(name, frame[["series", "epoch_s", "value"]], settings.model_dir, args.epochs)
+        model_set = train_model_set(name, frame[["series", "epoch_s", "value"]], settings.model_dir, args.epochs,
+                                    decision=decision)
         log.info("trained", name=name, version=model_set.version,
                  thresholds={d: round(det.threshold, 6) for d, det in model_set.detectors.items()},
                  folder=str(ModelSet.folder(settings.model_dir, name)))
