@@ -8,6 +8,7 @@ a whole series is in training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -104,8 +105,6 @@ def build_batch(scaler: Scaler, windows: SeriesWindows, series, epoch_s, values)
 
 def read_series_csv(path) -> pd.DataFrame:
     """A NAB-style CSV (timestamp,value) -> frame with series (file stem), epoch seconds, value."""
-    from pathlib import Path
-
     df = pd.read_csv(path)
     missing = {"timestamp", "value"} - set(df.columns)
     if missing:
