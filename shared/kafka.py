@@ -51,7 +51,9 @@ def make_consumer(settings: Settings, group_id: str, **overrides) -> Consumer:
         "auto.offset.reset": "earliest",
         "fetch.max.bytes": 52_428_800,
         "queued.min.messages": 200_000,
-        "partition.assignment.strategy": "cooperative-sticky",
+        # range balances each topic on its own: every worker gets an input_data partition (the
+        # cooperative-sticky balance over both topics together often left one worker without any).
+        "partition.assignment.strategy": "range",
     }
     conf.update(overrides)
     return Consumer(conf)
@@ -133,6 +135,11 @@ def dead_letter(producer: Producer, settings: Settings, msg, reason: str, servic
         ("dlq.service", service.encode()),
     ])
 
+
+# A commit refused because the group rebalanced: the batch's outputs are durable already and the
+# new owner re-reads from the last commit, so the worker carries on (at-least-once, no gap).
+REBALANCE_COMMIT_ERRORS = {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
+                           KafkaError.UNKNOWN_MEMBER_ID}
 
 TRANSIENT_PARTITION_ERRORS = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
                               KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION}
