@@ -33,7 +33,7 @@ class RobustZScoreDetector(Detector):
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
         out = np.zeros(len(batch))
-        window, min_points, cap = self.params["window"], self.params["min_points"], self.params["cap"]
+        window, cap = self.params["window"], self.params["cap"]
         codes, names = pd.factorize(batch.series)
         for code, name in enumerate(names):
             idx = np.flatnonzero(codes == code)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from models.model_set import SEED_DECISION
 from shared.config import load_settings
 from shared.features import read_series_csv
 from shared.log import setup_logging
@@ -26,7 +27,7 @@ from shared.nab_scoring import (PROFILES, load_windows, nab_score_fixed, nab_sco
 
 # Ensembles reported beside the single outputs: (outputs, rule).
 ENSEMBLES = {
-    "combined": (["isolation_forest", "lstm_autoencoder"], "or"),  # the seed's IF-or-LSTM
+    "combined": (SEED_DECISION, "or"),  # the seed's IF-or-LSTM
     "likelihood_or": (["value_likelihood", "robust_zscore_likelihood"], "or"),
     "likelihood_majority": (["value_likelihood", "robust_zscore_likelihood", "isolation_forest_likelihood",
                              "lstm_autoencoder_likelihood"], "majority"),

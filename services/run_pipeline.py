@@ -20,7 +20,7 @@ import orjson
 
 from models.model_set import ModelSet
 from services.producer import encode, replay_frame, send
-from shared.config import REPO_ROOT, Settings, load_settings
+from shared.config import REPO_ROOT, load_settings
 from shared.kafka import committed_offsets, end_offsets, ensure_topics, read_topic
 from shared.local_broker import LocalBroker
 from shared.log import setup_logging

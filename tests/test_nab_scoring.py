@@ -1,6 +1,5 @@
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
