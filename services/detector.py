@@ -23,7 +23,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from models.base import ArtifactError
 from shared.config import Settings, load_settings
 from shared.kafka import (REBALANCE_COMMIT_ERRORS, DeliveryTracker, dead_letter, ensure_topics, make_consumer,
-                          make_producer, produce)
+                          make_producer, produce, usable)
 from shared.log import setup_logging
 from shared.schemas import decode_metrics, iso_utc
 
@@ -75,10 +75,7 @@ class Worker:
         s, tracker = self.settings, self.tracker
         by_topic = defaultdict(list)
         for m in msgs:
-            if m.error():
-                if m.error().fatal():
-                    raise RuntimeError(f"fatal consumer error: {m.error()}")
-                self.log.warning("consumer error", error=str(m.error()))
+            if not usable(m, self.log):
                 continue
             by_topic[m.topic()].append(m)
         for topic, tmsgs in by_topic.items():

@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     slack_timeout_s: float = Field(10.0, gt=0)
     alert_cooldown_s: float = Field(300.0, ge=0)
 
+    # --- Rules service (detector definitions: rules/*.yaml)
+    rules_dir: Path = REPO_ROOT / "rules"
+    rules_group: str = "anomstream-rules"
+    environment: str = "prod"  # a definition runs where its `environment` list names this
+    rules_allowed_lateness_s: float = Field(60.0, ge=0)  # a definition's allowed_lateness overrides it
+    rules_idle_partition_s: float = Field(10.0, gt=0)  # a partition silent this long stops holding the watermark
+    # Run history of every check (shared.run_history): SQLite file, or postgresql+psycopg://...
+    rules_db_url: str = f"sqlite:///{REPO_ROOT / '.cache' / 'rules' / 'history.db'}"
+
     # --- Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -125,6 +125,16 @@ def produce(producer: Producer, topic: str, value: bytes, key: bytes | None = No
             producer.poll(0.05)
 
 
+def usable(msg, log) -> bool:
+    """False for a consumer event that is not a message (logged); raises on a fatal error."""
+    if not msg.error():
+        return True
+    if msg.error().fatal():
+        raise RuntimeError(f"fatal consumer error: {msg.error()}")
+    log.warning("consumer error", error=str(msg.error()))
+    return False
+
+
 def dead_letter(producer: Producer, settings: Settings, msg, reason: str, service: str, tracker) -> None:
     """The original bytes and key, unchanged, with where they came from and why in headers."""
     produce(producer, settings.topic_dead_letter, msg.value(), msg.key(), on_delivery=tracker, headers=[

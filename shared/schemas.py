@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+import orjson
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, TypeAdapter, ValidationError
 
 StrictFloat = Annotated[float, Strict()]  # a JSON number; "1.5" (a string) or true are refused
 
@@ -74,12 +75,17 @@ def _describe(exc: ValidationError) -> str:
     )
 
 
-def decode_metric(payload: bytes | None, max_bytes: int) -> MetricRecord:
-    """Validate one message; raises ValueError with a reason a person can act on."""
+def check_size(payload: bytes | None, max_bytes: int) -> bytes:
     if payload is None:
         raise ValueError("empty message (null value)")
     if len(payload) > max_bytes:
         raise ValueError(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    return payload
+
+
+def decode_metric(payload: bytes | None, max_bytes: int) -> MetricRecord:
+    """Validate one message; raises ValueError with a reason a person can act on."""
+    check_size(payload, max_bytes)
     try:
         return MetricRecord.model_validate_json(payload)
     except ValidationError as exc:
@@ -114,7 +120,70 @@ def decode_metrics(payloads: list[bytes | None], max_bytes: int) -> DecodedBatch
     return out
 
 
+def decode_object(payload: bytes | None, max_bytes: int) -> dict:
+    """A message as any JSON object (the rules service filters on any field); raises ValueError."""
+    check_size(payload, max_bytes)
+    try:
+        record = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"Invalid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"a message must be a JSON object, not {type(record).__name__}")
+    return record
+
+
 def iso_utc(epoch_s: np.ndarray) -> list[str]:
     """Vectorised epoch seconds -> ISO 8601 strings with a Z suffix."""
     stamps = np.datetime_as_string(np.asarray(epoch_s * 1000, dtype="int64").astype("datetime64[ms]"), unit="s")
     return [s + "Z" for s in stamps.tolist()]
+
+
+class ConditionResult(BaseModel):
+    """One condition of a rule check: its value, whether it held, and the numbers behind it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    text: str
+    metric: str
+    value: float | None
+    holds: bool
+    detail: dict[str, float | int | bool | str | None] = {}
+
+
+class RuleFiringRecord(BaseModel):
+    """A rule definition fired for one group key: the payload the rules service writes to `anomalies`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["rule"] = "rule"
+    definition: str
+    description: str = ""
+    version: str
+    series: str  # the group key ("*" when the definition has no group_by)
+    timestamp: datetime  # the end of the checked window
+    window_start: datetime
+    window_end: datetime
+    values: dict[str, float | None]
+    conditions: list[ConditionResult]
+    source_topic: str
+    environment: str
+    channels: list[str] = []  # Slack channels named by the definition's slack actions ([] = default)
+    detected_at: datetime
+
+
+def _record_kind(v) -> str | None:
+    """The `kind` of an anomalies record; records written before rule firings existed have none."""
+    if isinstance(v, dict):
+        return v.get("kind", "score")
+    return getattr(v, "kind", None)
+
+
+# Either record that can sit on `anomalies`, told apart by `kind` (missing = "score").
+AnomalyRecord = Annotated[
+    Union[Annotated[ScoreRecord, Tag("score")], Annotated[RuleFiringRecord, Tag("rule")]],
+    Discriminator(_record_kind, custom_error_type="anomaly_kind",
+                  custom_error_message="an anomaly record is a JSON object whose kind is 'score' (the default) "
+                                       "or 'rule'"),
+]
+anomaly_record_adapter: TypeAdapter[ScoreRecord | RuleFiringRecord] = TypeAdapter(AnomalyRecord)
