@@ -334,9 +334,11 @@ class RuleEngine:
         runner = self.runners.get(definition)
         if runner is None or runner.version != version:
             return 0
-        for key, state in states.items():
+        live = {k: st for k, st in states.items()
+                if int(st.get("no_data_streak", 0)) < runner.definition.expire_after}  # not expired groups
+        for key, state in live.items():
             runner.restore(key, state)
-        return len(states)
+        return len(live)
 
 
 def _is_number(v) -> bool:

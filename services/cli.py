@@ -14,6 +14,8 @@ COMMANDS = {
     "run": ("services.run_pipeline", "the whole pipeline end to end on the local broker"),
     "bench": ("services.bench", "throughput and latency benchmark"),
     "evaluate": ("services.evaluate", "detection quality on labelled NAB-layout data"),
+    "runs": ("services.rule_runs:runs_main", "recent checks of a detector definition, from the run history"),
+    "chart": ("services.rule_runs:chart_main", "PNG chart of a detector definition's checks"),
 }
 
 
@@ -24,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:<10} {help_text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    # "package.module" runs its main(); "package.module:function" runs that function.
+    module_name, _, function = COMMANDS[argv[0]][0].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, function or "main")(argv[1:]) or 0
 
 
 if __name__ == "__main__":
