@@ -1,8 +1,12 @@
 """alerter: posts every record of `anomalies` to Slack, committing each only after Slack accepted it.
 
+A record is either an ML score (kind "score", or no kind: older records) or a rule firing (kind
+"rule", written by the rules service); a rule firing goes to each channel its definition names.
+
 Slack's 429 (Retry-After), 5xx and connection errors are retried by slack-sdk's retry handlers; when
 they give up, the alert is retried with backoff until Slack takes it or the service stops (then it is
-re-read on the next start). A per-series cooldown, in event time, suppresses repeats and counts them.
+re-read on the next start). A per-series cooldown, in event time, suppresses repeats and counts them;
+a rule firing has its own cooldown per definition and group, so it never hides an ML alert.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import signal
 import sys
 import time
 from collections import Counter
-from datetime import timezone
+from datetime import datetime, timezone
 
 from confluent_kafka import TopicPartition
 from pydantic import ValidationError
 from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry import RetryHandler
 from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
 from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
@@ -25,7 +30,7 @@ from slack_sdk.webhook import WebhookClient
 from shared.config import Settings, load_settings
 from shared.kafka import DeliveryTracker, dead_letter, ensure_topics, make_consumer, make_producer
 from shared.log import setup_logging
-from shared.schemas import ScoreRecord
+from shared.schemas import RuleFiringRecord, ScoreRecord, anomaly_record_adapter
 
 
 class AnyServerErrorRetryHandler(RetryHandler):
@@ -44,6 +49,9 @@ def retry_handlers() -> list[RetryHandler]:
         ConnectionErrorRetryHandler(max_retry_count=4, interval_calculator=backoff),
     ]
 
+
+# Slack answers that no retry can fix for that channel.
+PERMANENT_CHANNEL_ERRORS = {"channel_not_found", "not_in_channel", "is_archived", "restricted_action"}
 
 DETECTOR_LABELS = {"if_anomaly": "IsolationForest", "lstm_anomaly": "LSTM autoencoder"}
 
@@ -69,6 +77,46 @@ def format_alert(rec: ScoreRecord) -> tuple[str, list[dict]]:
     return text, blocks
 
 
+def _utc(ts: datetime) -> datetime:
+    return ts.astimezone(timezone.utc) if ts.tzinfo else ts.replace(tzinfo=timezone.utc)  # naive = UTC
+
+
+def format_window(start: datetime, end: datetime) -> str:
+    """'2014-02-14 14:00–14:15 UTC'; seconds only when a bound has them, the end's date only when it differs."""
+    start, end = _utc(start), _utc(end)
+    clock = "%H:%M:%S" if start.second or end.second else "%H:%M"
+    end_fmt = clock if end.date() == start.date() else f"%Y-%m-%d {clock}"
+    return f"{start.strftime(f'%Y-%m-%d {clock}')}–{end.strftime(end_fmt)} UTC"
+
+
+def _condition_clause(text: str, metric: str, value: float | None) -> str:
+    """'average(value) above 80 for 3 times' with 85.2 -> 'average(value) 85.2 above 80 for 3 times'."""
+    if value is None:
+        return f"{text} (no value)"
+    if text.startswith(metric + " "):
+        return f"{metric} {value:g}{text[len(metric):]}"
+    return f"{text} ({value:g})"  # e.g. a ratio, whose text does not start with its metric name
+
+
+def format_rule_alert(rec: RuleFiringRecord) -> tuple[str, list[dict]]:
+    window = format_window(rec.window_start, rec.window_end)
+    clauses = [_condition_clause(c.text, c.metric, c.value) for c in rec.conditions]
+    text = f":rotating_light: Rule {rec.definition} fired for {rec.series} (window {window}): {'; '.join(clauses)}"
+    fields = [{"type": "mrkdwn", "text": f"*Group*\n{rec.series}"},
+              {"type": "mrkdwn", "text": f"*Window*\n{window}"}]
+    for c in rec.conditions:
+        value = "no value" if c.value is None else f"{c.value:g}"
+        fields.append({"type": "mrkdwn", "text": f"*{c.text}*\n{value} {'✓' if c.holds else '✗'}"[:2000]})
+    context = f"definition version {rec.version} · {rec.source_topic} · {rec.environment}"
+    if rec.description:
+        context += f" · {rec.description}"
+    blocks = [{"type": "header", "text": {"type": "plain_text", "text": f"Rule {rec.definition} fired"[:150]}}]
+    # Slack takes at most 10 fields per section.
+    blocks += [{"type": "section", "fields": fields[i:i + 10]} for i in range(0, len(fields), 10)]
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context[:2000]}]})
+    return text, blocks
+
+
 class SlackNotifier:
     def __init__(self, settings: Settings):
         self.channel = settings.slack_channel
@@ -87,10 +135,16 @@ class SlackNotifier:
     def configured(self) -> bool:
         return self.web is not None or self.webhook is not None
 
-    def post(self, text: str, blocks: list[dict]) -> None:
+    def targets(self, channels: list[str]) -> list[str | None]:
+        """Where one alert goes: the named channels (or the default); a webhook has no channels: once."""
+        if self.web is None:
+            return [None]
+        return list(dict.fromkeys(channels)) or [self.channel]
+
+    def post(self, text: str, blocks: list[dict], channel: str | None = None) -> None:
         """Returns once Slack accepted the message; raises otherwise."""
         if self.web is not None:
-            self.web.chat_postMessage(channel=self.channel, text=text, blocks=blocks)  # raises SlackApiError
+            self.web.chat_postMessage(channel=channel or self.channel, text=text, blocks=blocks)  # raises SlackApiError
         else:
             resp = self.webhook.send(text=text, blocks=blocks)
             if resp.status_code != 200:
@@ -105,50 +159,81 @@ class Alerter:
         self.consumer = make_consumer(settings, settings.alerter_group)
         self.producer = make_producer(settings)
         self.tracker = DeliveryTracker()
-        self.last_alert: dict[str, float] = {}  # series -> event time of the last alert posted
+        # cooldown key (series, or "rule:<definition>:<group>") -> event time of the last alert posted
+        self.last_alert: dict[str, float] = {}
         self.stats = Counter()
         self.suppressed = Counter()
         self.stopping = False
 
-    def deliver(self, text: str, blocks: list[dict]) -> bool:
-        """Post until accepted; False if the service is stopping first (the alert is not committed)."""
-        delay = 1.0
-        while not self.stopping:
-            try:
-                self.slack.post(text, blocks)
-                return True
-            except Exception as exc:  # slack-sdk's own retries are spent; keep the alert, wait, retry
-                self.log.warning("slack post failed; will retry", error=str(exc), retry_in_s=delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 60)
-        return False
+    def deliver(self, text: str, blocks: list[dict], channels: list[str] | None = None) -> list[str] | None:
+        """Post to every target until each accepted. Returns the targets Slack refused for good (a
+        channel that does not exist or the bot is not in: retrying cannot help, and would block
+        every alert behind this one), or None if the service is stopping first (the alert is not
+        committed). A target that accepted is not posted again when a later one is retried."""
+        refused = []
+        for channel in self.slack.targets(channels or []):
+            delay = 1.0
+            while True:
+                if self.stopping:
+                    return None
+                try:
+                    self.slack.post(text, blocks, channel)
+                    break
+                except SlackApiError as exc:
+                    error = exc.response.get("error") if exc.response is not None else None
+                    if error in PERMANENT_CHANNEL_ERRORS:
+                        refused.append(f"{channel}: {error}")
+                        break
+                    self.log.warning("slack post failed; will retry", error=str(exc), channel=channel,
+                                     retry_in_s=delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 60)
+                except Exception as exc:  # slack-sdk's own retries are spent; keep the alert, wait, retry
+                    self.log.warning("slack post failed; will retry", error=str(exc), channel=channel,
+                                     retry_in_s=delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 60)
+        return refused
 
     def handle(self, msg) -> bool:
         """True when the message is done with (posted, suppressed, logged or dead-lettered)."""
         try:
-            rec = ScoreRecord.model_validate_json(msg.value() or b"")
+            rec = anomaly_record_adapter.validate_json(msg.value() or b"")
         except ValidationError as exc:
             dead_letter(self.producer, self.settings, msg, f"invalid anomaly record: {exc.errors()[0]['msg']}"
                         f" at {exc.errors()[0]['loc']}", "alerter", self.tracker)
             self.tracker.flush(self.producer)
             self.stats["dead_lettered"] += 1
             return True
-        event_time = rec.timestamp.timestamp()
-        last = self.last_alert.get(rec.series)
+        if isinstance(rec, RuleFiringRecord):
+            key, channels, (text, blocks) = f"rule:{rec.definition}:{rec.series}", rec.channels, format_rule_alert(rec)
+            event_time = _utc(rec.window_end).timestamp()
+        else:
+            key, channels, (text, blocks) = rec.series, [], format_alert(rec)
+            event_time = rec.timestamp.timestamp()
+        last = self.last_alert.get(key)
         if last is not None and abs(event_time - last) < self.settings.alert_cooldown_s:
-            self.suppressed[rec.series] += 1
+            self.suppressed[key] += 1
             self.stats["suppressed"] += 1
             return True
-        text, blocks = format_alert(rec)
         if not self.slack.configured:
-            self.log.info("alert", text=text)
+            self.log.info("alert", text=text, **({"channels": channels} if channels else {}))
             self.stats["logged"] += 1
-        elif self.deliver(text, blocks):
-            self.log.info("alert posted", series=rec.series, timestamp=str(rec.timestamp))
-            self.stats["posted"] += 1
         else:
-            return False
-        self.last_alert[rec.series] = event_time
+            refused = self.deliver(text, blocks, channels)
+            if refused is None:
+                return False
+            if refused:  # kept, with the reason, where an operator looks for what was not delivered
+                reason = f"slack refused the alert for good: {'; '.join(refused)}"
+                dead_letter(self.producer, self.settings, msg, reason, "alerter", self.tracker)
+                self.tracker.flush(self.producer)
+                self.log.error("alert not deliverable", reason=reason, series=rec.series)
+                self.stats["dead_lettered"] += 1
+            if len(refused) < len(self.slack.targets(channels or [])):
+                self.log.info("alert posted", kind=rec.kind, series=rec.series, timestamp=str(rec.timestamp),
+                              **({"definition": rec.definition} if rec.kind == "rule" else {}))
+                self.stats["posted"] += 1
+        self.last_alert[key] = event_time
         return True
 
     def run(self) -> None:

@@ -1,9 +1,14 @@
 """run: the whole pipeline end to end (what `make run` does).
 
 Starts the local broker (unless KAFKA_BOOTSTRAP_SERVERS names a cluster), trains the model sets
-if they are missing, starts the detector and alerter services as their own processes, replays the
-EC2 CPU series and some synthetic transactions through the producer, waits until every input is
-scored and every anomaly handled by the alerter, prints a summary and stops all it started.
+if they are missing, starts the detector, rules and alerter services as their own processes,
+replays the EC2 CPU series and some synthetic transactions through the producer, waits until every
+input is scored, every message read by the rules service and every anomaly handled by the
+alerter, prints a summary, writes a chart per fired definition and stops all it started.
+
+The rules service gets a consumer group and run history of this run alone, starting at the
+topics' ends: the replay repeats the same event times on every run, which a long-lived rules
+service would rightly call late.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import orjson
 from models.model_set import ModelSet
 from services.producer import encode, replay_frame, send
 from shared.config import REPO_ROOT, load_settings
-from shared.kafka import committed_offsets, end_offsets, ensure_topics, read_topic
+from shared.kafka import commit_group_offsets, committed_offsets, end_offsets, ensure_topics, read_topic
 from shared.local_broker import LocalBroker
 from shared.log import setup_logging
+from shared.run_history import RunHistory
 from shared.synthetic import transactions
 
 
@@ -75,10 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_dir / "detector.log", "ab") as detector_log:
             procs["detector"] = subprocess.Popen([sys.executable, "-m", "services.detector"], cwd=REPO_ROOT,
                                                  env=env, stdout=detector_log, stderr=subprocess.STDOUT)
+        rules_db = log_dir / "rules_history.db"
+        rules_db.unlink(missing_ok=True)
+        rules_env = env | {"ANOMSTREAM_RULES_GROUP": f"anomstream-rules-run-{int(time.time())}",
+                           "ANOMSTREAM_RULES_DB_URL": f"sqlite:///{rules_db}"}
+        rules_topics = (settings.topic_input, settings.topic_transactions)
+        for topic in rules_topics:
+            commit_group_offsets(settings, rules_env["ANOMSTREAM_RULES_GROUP"], topic, before[topic])
+        with open(log_dir / "rules.log", "ab") as rules_log:
+            procs["rules"] = subprocess.Popen([sys.executable, "-m", "services.rules"], cwd=REPO_ROOT,
+                                              env=rules_env, stdout=rules_log, stderr=subprocess.STDOUT)
         # The alerter prints each alert as it arrives (to Slack too, when Slack is configured).
         procs["alerter"] = subprocess.Popen([sys.executable, "-m", "services.alerter"], cwd=REPO_ROOT,
                                             env=env | {"ANOMSTREAM_LOG_FORMAT": "console"})
-        log.info("detector and alerter started", detector_log=str(log_dir / "detector.log"))
+        log.info("detector, rules and alerter started", detector_log=str(log_dir / "detector.log"),
+                 rules_log=str(log_dir / "rules.log"))
 
         keys, values = encode(replay_frame(settings.nab_csvs()))
         sent = send(settings, settings.topic_input, keys, values, log=log)
@@ -88,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         scores_start = before[settings.topic_scores]
         wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent,
                  args.timeout, f"{sent} scores", procs)
+        # The rules service records how far it read with each batch of checks; once it read
+        # everything and the partitions went idle, every window the watermark passed is checked.
+        inputs_end = {t: end_offsets(settings, t) for t in rules_topics}
+        history = RunHistory(rules_env["ANOMSTREAM_RULES_DB_URL"])
+        wait_for(lambda: all(history.progress(rules_env["ANOMSTREAM_RULES_GROUP"]).get((t, p), 0) >= o
+                             for t in rules_topics for p, o in inputs_end[t].items()),
+                 args.timeout, "the rules service to read every input", procs)
+        time.sleep(settings.rules_idle_partition_s + 3)
         anomalies_end = end_offsets(settings, settings.topic_anomalies)
         wait_for(lambda: all(committed_offsets(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
                              for p, o in anomalies_end.items()),
@@ -97,15 +122,33 @@ def main(argv: list[str] | None = None) -> int:
         fired = Counter()
         for msg in read_topic(settings, settings.topic_anomalies, before[settings.topic_anomalies], n_anomalies):
             rec = orjson.loads(msg.value())
+            if rec.get("kind") == "rule":
+                fired["rules"] += 1
+                continue
             fired[rec["source_topic"]] += 1
             fired["isolation_forest"] += rec["if_anomaly"]
             fired["lstm_autoencoder"] += rec["lstm_anomaly"]
         scored = delta(scores_start, end_offsets(settings, settings.topic_scores))
         dead = delta(before[settings.topic_dead_letter], end_offsets(settings, settings.topic_dead_letter))
+        rule_counts = Counter()
+        for name in history.definitions():
+            for group, n in history.groups(name).items():
+                rule_counts["checks"] += n
+            frame = history.frame(name)
+            n_fired = int(frame["fired"].sum())
+            rule_counts["fired"] += n_fired
+            if n_fired:
+                chart = log_dir / f"rules-{name}.png"
+                subprocess.run([sys.executable, "-m", "services.cli", "chart", name, "--out", str(chart),
+                                "--db", rules_env["ANOMSTREAM_RULES_DB_URL"]], cwd=REPO_ROOT, check=True)
+        history.close()
         print(f"SUMMARY produced={sent} scored={scored} anomalies={n_anomalies} "
-              f"(input_data={fired[settings.topic_input]} transactions={fired[settings.topic_transactions]}; "
-              f"isolation_forest={fired['isolation_forest']} lstm_autoencoder={fired['lstm_autoencoder']}) "
-              f"dead_letter={dead} elapsed_s={time.monotonic() - started:.1f}", flush=True)
+              f"(input_data={fired[settings.topic_input]} transactions={fired[settings.topic_transactions]} "
+              f"rules={fired['rules']}; isolation_forest={fired['isolation_forest']} "
+              f"lstm_autoencoder={fired['lstm_autoencoder']}) rule_checks={rule_counts['checks']} "
+              f"rule_checks_fired={rule_counts['fired']} dead_letter={dead} "
+              f"elapsed_s={time.monotonic() - started:.1f}", flush=True)
+        print(f"run history: anomstream runs NAME --db {rules_env['ANOMSTREAM_RULES_DB_URL']}", flush=True)
         return 0 if scored >= sent else 1
     finally:
         for proc in procs.values():

@@ -185,6 +185,15 @@ def committed_offsets(settings: Settings, group: str, topic: str, partitions) ->
         consumer.close()
 
 
+def commit_group_offsets(settings: Settings, group: str, topic: str, offsets: dict[int, int]) -> None:
+    """Set where `group` starts reading `topic` (partition -> offset), before any member joins."""
+    consumer = Consumer(client_config(settings) | {"group.id": group, "enable.auto.commit": False})
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False)
+    finally:
+        consumer.close()
+
+
 def read_topic(settings: Settings, topic: str, start: dict[int, int] | None = None, count: int | None = None,
                timeout: float = 60, idle: float | None = None) -> list:
     """Messages of `topic` from `start` offsets (default: the beginning), without a consumer group:

@@ -115,9 +115,9 @@ class LocalBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         props = self._write_properties()
         if not (self.data_dir / "logs" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")  # may begin with "-"
             subprocess.run(
-                self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                self._java(libs, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props)),
                 check=True, stdout=subprocess.DEVNULL,
             )
         cmd = self._java(libs, *( [self.java_agent] if self.java_agent else []), "kafka.Kafka", str(props))

@@ -143,6 +143,7 @@ class ConditionResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    index: int | None = None  # its position in the definition's conditions
     type: str
     text: str
     metric: str

@@ -13,7 +13,9 @@ VALID_TOKEN = "xoxb-test-0000-secret"
 
 
 class SlackTestServer:
-    def __init__(self, rate_limit_first: int = 0, retry_after: int = 1, fail_5xx_first: int = 0):
+    def __init__(self, rate_limit_first: int = 0, retry_after: int = 1, fail_5xx_first: int = 0,
+                 missing_channels: frozenset[str] = frozenset()):
+        self.missing_channels = missing_channels  # answered channel_not_found, as Slack does
         self.rate_limit_first = rate_limit_first  # answer this many requests with 429 first
         self.retry_after = retry_after
         self.fail_5xx_first = fail_5xx_first  # then this many with 503
@@ -74,7 +76,7 @@ class SlackTestServer:
                 return 200, {}, {"ok": False, "error": "unknown_method"}
             if headers.get("Authorization") != f"Bearer {VALID_TOKEN}":
                 return 200, {}, {"ok": False, "error": "invalid_auth"}
-            if not body.get("channel"):
+            if not body.get("channel") or body["channel"] in self.missing_channels:
                 return 200, {}, {"ok": False, "error": "channel_not_found"}
             self.messages.append(body)
             ts = f"{time.time():.6f}"

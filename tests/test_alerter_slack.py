@@ -1,5 +1,6 @@
 """Alert text and Block Kit, Slack delivery against a local Slack-speaking server (429, 503, bad token,
-webhook), and the alerter's per-series cooldown and dead-lettering, without a broker."""
+webhook), and the alerter's per-series cooldown and dead-lettering, without a broker; rule firings
+(kind "rule") beside ML scores on the same topic: their text, channels and own cooldown."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from slack_server import VALID_TOKEN, SlackTestServer
 from slack_sdk.errors import SlackApiError
 
 import services.alerter as alerter_module
-from services.alerter import Alerter, SlackNotifier, format_alert
+from services.alerter import Alerter, SlackNotifier, format_alert, format_rule_alert, format_window
 from shared.config import Settings
-from shared.schemas import ScoreRecord
+from shared.schemas import RuleFiringRecord, ScoreRecord, anomaly_record_adapter
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc).timestamp()
 
@@ -275,11 +276,11 @@ def test_failed_post_is_retried_until_slack_accepts(make_alerter, monkeypatch):
         a = make_alerter(slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url)
         real_post, calls = a.slack.post, []
 
-        def flaky_post(text, blocks):
+        def flaky_post(text, blocks, channel=None):
             calls.append(text)
             if len(calls) < 3:
                 raise RuntimeError("connection reset")
-            real_post(text, blocks)
+            real_post(text, blocks, channel)
 
         monkeypatch.setattr(a.slack, "post", flaky_post)
         sleeps = []
@@ -287,3 +288,188 @@ def test_failed_post_is_retried_until_slack_accepts(make_alerter, monkeypatch):
         assert a.handle(FakeMsg(payload(series="A")))
     assert len(calls) == 3 and sleeps == [1.0, 2.0]  # doubling back-off
     assert len(server.messages) == 1 and a.stats["posted"] == 1
+
+
+# --- rule firings (kind "rule", written by the rules service to the same topic)
+
+W0 = datetime(2014, 2, 14, 14, 0, tzinfo=timezone.utc).timestamp()
+
+
+def rule_record(definition="cpu-high", series="ec2_cpu_utilization_24ae8d", start=W0, minutes=15,
+                channels=(), value=85.2, **kw) -> dict:
+    iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat()  # noqa: E731
+    end = start + minutes * 60
+    return {
+        "kind": "rule", "definition": definition, "version": "0123456789ab", "series": series,
+        "timestamp": iso(end), "window_start": iso(start), "window_end": iso(end),
+        "values": {"average(value)": value, "count": 3},
+        "conditions": [{"type": "metric", "text": "average(value) above 80 for 3 times",
+                        "metric": "average(value)", "value": value, "holds": True,
+                        "detail": {"threshold": 80.0, "streak": 3}}],
+        "source_topic": "input_data", "environment": "prod", "channels": list(channels),
+        "detected_at": "2014-02-14T14:16:00Z", **kw,
+    }
+
+
+def rule_payload(**kw) -> bytes:
+    return json.dumps(rule_record(**kw)).encode()
+
+
+def test_rule_alert_text_and_blocks():
+    text, blocks = format_rule_alert(RuleFiringRecord.model_validate(rule_record()))
+    assert text == (":rotating_light: Rule cpu-high fired for ec2_cpu_utilization_24ae8d "
+                    "(window 2014-02-14 14:00–14:15 UTC): average(value) 85.2 above 80 for 3 times")
+    assert blocks[0] == {"type": "header", "text": {"type": "plain_text", "text": "Rule cpu-high fired"}}
+    fields = [f["text"] for f in blocks[1]["fields"]]
+    assert fields == ["*Group*\nec2_cpu_utilization_24ae8d", "*Window*\n2014-02-14 14:00–14:15 UTC",
+                      "*average(value) above 80 for 3 times*\n85.2 ✓"]
+    context = blocks[-1]["elements"][0]["text"]
+    assert blocks[-1]["type"] == "context" and "0123456789ab" in context and "input_data" in context
+
+
+def test_rule_alert_one_clause_per_condition_and_slack_limits():
+    ratio = {"type": "ratio", "text": "ratio of matching messages above 5%", "metric": "ratio[1]",
+             "value": 7.5, "holds": True}
+    metric = rule_record()["conditions"][0]
+    rec = RuleFiringRecord.model_validate(rule_record(definition="d" * 200, conditions=[metric] + [ratio] * 9))
+    text, blocks = format_rule_alert(rec)
+    assert text.endswith(": average(value) 85.2 above 80 for 3 times; "
+                         + "; ".join(["ratio of matching messages above 5% (7.5)"] * 9))
+    assert len(blocks[0]["text"]["text"]) <= 150
+    sections = [b for b in blocks if b["type"] == "section"]
+    assert [len(b["fields"]) for b in sections] == [10, 2]  # group, window and 10 conditions; ≤ 10 a section
+
+
+def test_window_format():
+    at = lambda *a: datetime(*a, tzinfo=timezone.utc)  # noqa: E731
+    assert format_window(at(2014, 2, 14, 14, 0), at(2014, 2, 14, 14, 0, 30)) == "2014-02-14 14:00:00–14:00:30 UTC"
+    assert format_window(at(2014, 2, 14, 23, 0), at(2014, 2, 15, 0, 0)) == "2014-02-14 23:00–2014-02-15 00:00 UTC"
+
+
+def test_record_without_kind_parses_as_a_score():
+    raw = record()
+    assert "kind" not in raw
+    rec = anomaly_record_adapter.validate_json(json.dumps(raw))
+    assert isinstance(rec, ScoreRecord) and rec.kind == "score"
+    assert isinstance(anomaly_record_adapter.validate_json(rule_payload()), RuleFiringRecord)
+
+
+def test_rule_firing_posts_to_each_of_its_channels(make_alerter, slack_server):
+    a = make_alerter(slack_bot_token=VALID_TOKEN, slack_base_url=slack_server.base_url, slack_channel="#default")
+    assert a.handle(FakeMsg(rule_payload(channels=["#ops", "#db-team"]), topic="anomalies"))
+    assert [m["channel"] for m in slack_server.messages] == ["#ops", "#db-team"]
+    expected, blocks = format_rule_alert(RuleFiringRecord.model_validate(rule_record()))
+    for body in slack_server.messages:
+        assert body["text"] == expected and blocks_of(body) == blocks
+        assert "Rule cpu-high fired for ec2_cpu_utilization_24ae8d" in body["text"]
+    assert a.stats["posted"] == 1 and a.producer.produced == []
+
+
+def test_rule_firing_without_channels_goes_to_the_default(make_alerter, slack_server):
+    a = make_alerter(slack_bot_token=VALID_TOKEN, slack_base_url=slack_server.base_url, slack_channel="#default")
+    assert a.handle(FakeMsg(rule_payload(channels=[])))
+    assert [m["channel"] for m in slack_server.messages] == ["#default"]
+
+
+def test_rule_firing_through_a_webhook_is_posted_once(make_alerter, slack_server):
+    a = make_alerter(slack_webhook_url=slack_server.webhook_url)
+    assert a.handle(FakeMsg(rule_payload(channels=["#ops", "#db-team"])))
+    assert len(slack_server.messages) == 1 and "Rule cpu-high fired" in slack_server.messages[0]["text"]
+
+
+def test_a_channel_that_accepted_is_not_posted_again_while_another_is_retried(make_alerter, monkeypatch):
+    with SlackTestServer() as server:
+        a = make_alerter(slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url)
+        real_post, calls = a.slack.post, []
+
+        def flaky_post(text, blocks, channel=None):
+            calls.append(channel)
+            if channel == "#b" and calls.count("#b") < 3:
+                raise RuntimeError("connection reset")
+            real_post(text, blocks, channel)
+
+        monkeypatch.setattr(a.slack, "post", flaky_post)
+        monkeypatch.setattr(alerter_module.time, "sleep", lambda s: None)
+        assert a.handle(FakeMsg(rule_payload(channels=["#a", "#b"])))
+    assert calls == ["#a", "#b", "#b", "#b"]
+    assert [m["channel"] for m in server.messages] == ["#a", "#b"]
+
+
+def test_stopping_while_a_channel_fails_leaves_the_rule_alert_unhandled(make_alerter, monkeypatch):
+    with SlackTestServer() as server:
+        a = make_alerter(slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url)
+        real_post = a.slack.post
+
+        def post(text, blocks, channel=None):
+            if channel == "#b":
+                raise RuntimeError("slack is down")
+            real_post(text, blocks, channel)
+
+        def fake_sleep(seconds):
+            a.stopping = True
+
+        monkeypatch.setattr(a.slack, "post", post)
+        monkeypatch.setattr(alerter_module.time, "sleep", fake_sleep)
+        assert a.handle(FakeMsg(rule_payload(channels=["#a", "#b"]))) is False  # not committed
+    assert a.last_alert == {} and a.stats["posted"] == 0
+
+
+@pytest.mark.parametrize("drop, change, why", [
+    ("definition", {}, "'definition'"),
+    (None, {"conditions": [{"type": "metric"}]}, "'conditions'"),
+    (None, {"kind": "alarm"}, "kind"),
+])
+def test_invalid_rule_record_goes_to_dead_letter(make_alerter, drop, change, why):
+    rec = {k: v for k, v in rule_record(**change).items() if k != drop}
+    value = json.dumps(rec).encode()
+    a = make_alerter(topic_dead_letter="dlq_unit")
+    assert a.handle(FakeMsg(value, key=b"rule-key", topic="anomalies", partition=1, offset=5))
+    assert a.stats["dead_lettered"] == 1 and a.stats["posted"] == a.stats["logged"] == 0
+    (sent,) = a.producer.produced
+    assert sent["topic"] == "dlq_unit" and sent["value"] == value and sent["key"] == b"rule-key"
+    error = dict(sent["headers"])["dlq.error"].decode()
+    assert error.startswith("invalid anomaly record") and why in error
+    assert a.last_alert == {}
+
+
+def test_rule_cooldown_is_per_definition_and_group_and_spares_ml_alerts(make_alerter, slack_server):
+    a = make_alerter(slack_bot_token=VALID_TOKEN, slack_base_url=slack_server.base_url, alert_cooldown_s=3600)
+    s = "ec2_cpu_utilization_24ae8d"
+    assert a.handle(FakeMsg(rule_payload(series=s, start=W0)))  # posted
+    assert a.handle(FakeMsg(rule_payload(series=s, start=W0 + 900)))  # same rule and group: suppressed
+    assert a.handle(FakeMsg(rule_payload(series="other", start=W0 + 900)))  # another group: posted
+    assert a.handle(FakeMsg(rule_payload(definition="cpu-low", series=s, start=W0 + 900)))  # another rule: posted
+    assert a.handle(FakeMsg(payload(series=s, ts=W0 + 900)))  # the ML alert of the series: posted
+    assert a.handle(FakeMsg(payload(series=s, ts=W0 + 960)))  # ML cooldown of its own: suppressed
+    assert a.handle(FakeMsg(rule_payload(series=s, start=W0 + 3600)))  # 3600 s after the first window end
+    assert a.stats["posted"] == 5 and a.stats["suppressed"] == 2
+    assert a.suppressed == {f"rule:cpu-high:{s}": 1, s: 1}
+    assert a.last_alert == {f"rule:cpu-high:{s}": W0 + 4500, "rule:cpu-high:other": W0 + 1800,
+                            f"rule:cpu-low:{s}": W0 + 1800, s: W0 + 900}
+    posted = [m["text"] for m in slack_server.messages]
+    assert [t.split(" (window")[0].split(" at ")[0] for t in posted] == [
+        f":rotating_light: Rule cpu-high fired for {s}", ":rotating_light: Rule cpu-high fired for other",
+        f":rotating_light: Rule cpu-low fired for {s}", f":rotating_light: Anomaly in {s}",
+        f":rotating_light: Rule cpu-high fired for {s}"]
+
+
+def test_rule_firing_without_slack_is_logged_with_its_channels(make_alerter, capsys):
+    a = make_alerter()
+    capsys.readouterr()
+    assert a.handle(FakeMsg(rule_payload(channels=["#ops"])))
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    (alert,) = [r for r in lines if r.get("event") == "alert"]
+    assert "Rule cpu-high fired" in alert["text"] and alert["channels"] == ["#ops"]
+
+
+def test_a_channel_that_does_not_exist_is_dead_lettered_not_retried_forever(make_alerter):
+    with SlackTestServer(missing_channels=frozenset({"#typo"})) as server:
+        a = make_alerter(slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url, topic_dead_letter="dlq_unit")
+        msg = FakeMsg(rule_payload(channels=["#typo", "#ops"]), topic="anomalies", offset=5)
+        assert a.handle(msg)  # done with: the good channel got it, the other is kept with the reason
+        assert [m["channel"] for m in server.messages] == ["#ops"]
+        assert len([r for r in server.requests if r["body"].get("channel") == "#typo"]) == 1
+    (sent,) = a.producer.produced
+    assert sent["topic"] == "dlq_unit" and sent["value"] == msg.value()
+    assert dict(sent["headers"])["dlq.error"] == b"slack refused the alert for good: #typo: channel_not_found"
+    assert a.stats["dead_lettered"] == 1 and a.stats["posted"] == 1
