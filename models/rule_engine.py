@@ -262,10 +262,9 @@ class RuleEngine:
             if closed:
                 if offset < self.replayed_below.get((topic, partition), -1):
                     continue  # counted before the restart, in a check that is already recorded
-                late_by = (watermark or ts) - (start + runner.period)
-                problems.append(f"{d.name}: late: event time {_iso(ts)} falls in the check window that closed at "
-                                f"{_iso(start + runner.period)} ({late_by:.0f}s behind the watermark; "
-                                f"allowed lateness {runner.lateness:g}s)")
+                problems.append(f"{d.name}: late: event time {_iso(ts)} falls in the check window "
+                                f"{_iso(start)}–{_iso(start + runner.period)}, already checked "
+                                f"(allowed lateness {runner.lateness:g}s)")
                 continue
             if group is None:
                 runner.groups[key] = group = runner.new_group(start)
@@ -295,12 +294,22 @@ class RuleEngine:
             entry[1] = now
         return problems
 
+    def assign(self, topic: str, partition: int, now: float) -> None:
+        """A partition this consumer now reads: it holds the watermark back (as if at the start of
+        time) until it delivers or has been idle for idle_partition_s. Without this, a partition
+        fetched first would carry the watermark past the others' messages, making them late."""
+        self.partitions.setdefault(topic, {}).setdefault(partition, [-math.inf, now])
+
+    def revoke(self, topic: str, partition: int) -> None:
+        self.partitions.get(topic, {}).pop(partition, None)
+
     def watermark(self, topic: str, now: float) -> float | None:
         parts = self.partitions.get(topic)
         if not parts:
             return None
         active = [t for t, seen in parts.values() if now - seen <= self.idle_partition_s]
-        return min(active) if active else max(t for t, _ in parts.values())
+        wm = min(active) if active else max(t for t, _ in parts.values())
+        return None if wm == -math.inf else wm
 
     def advance(self, now: float) -> list[Check]:
         """Every check whose window the watermark has passed (window end + allowed lateness)."""

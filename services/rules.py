@@ -93,10 +93,18 @@ class RulesService:
                       | self.settings.topic_partitions())
         if topics != self.subscribed:
             if topics:
-                self.consumer.subscribe(sorted(topics))
+                self.consumer.subscribe(sorted(topics), on_assign=self.on_assign, on_revoke=self.on_revoke)
             else:
                 self.consumer.unsubscribe()
             self.subscribed = topics
+
+    def on_assign(self, _consumer, partitions) -> None:
+        for tp in partitions:
+            self.engine.assign(tp.topic, tp.partition, time.monotonic())
+
+    def on_revoke(self, _consumer, partitions) -> None:
+        for tp in partitions:
+            self.engine.revoke(tp.topic, tp.partition)
 
     # -- one batch -----------------------------------------------------------------------------
     def process(self, msgs, now: float) -> None:

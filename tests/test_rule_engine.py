@@ -285,3 +285,18 @@ def test_a_run_of_firing_checks_notifies_once_then_every_repeat_every():
     assert [c.notify for c in checks] == [True, False, False, True, False, False, True, False]
     every = run(definition(cond, extra="repeat_every: 0s"), windows)
     assert [c.notify for c in every] == [c.fired for c in every]
+
+
+def test_an_assigned_partition_holds_the_watermark_until_it_delivers_or_idles():
+    defn = definition("  - {type: metric, aggregation: count, operator: above, value: 0}\n")
+    engine = RuleEngine([defn], idle_partition_s=5)
+    engine.assign("metrics", 0, now=0)
+    engine.assign("metrics", 1, now=0)
+    engine.add("metrics", 0, 0, {"timestamp": 10, "host": "a"}, now=0)
+    engine.add("metrics", 0, 1, {"timestamp": 500, "host": "a"}, now=0)
+    assert engine.watermark("metrics", now=1) is None and engine.advance(1) == []
+    # partition 1's first message is old, and is not late: nothing was checked yet
+    assert engine.add("metrics", 1, 0, {"timestamp": 20, "host": "b"}, now=2) == []
+    assert engine.watermark("metrics", now=2) == 20
+    engine.revoke("metrics", 1)
+    assert engine.watermark("metrics", now=3) == 500
