@@ -14,6 +14,7 @@ The engine is pure (no Kafka, no database): the rules service and the tests driv
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable
@@ -24,6 +25,7 @@ from models.rule_conditions import ConditionOutcome, condition_state, no_data_ou
 from shared.rule_definitions import Definition, RatioCondition, compile_predicate
 
 NO_GROUP = "*"  # the group key of a definition without group_by
+MAX_FUTURE_S = 86400  # an event time further ahead of this clock is refused as a producer error
 
 
 @dataclass
@@ -139,7 +141,7 @@ class DefinitionRunner:
             for agg in ("average", "sum", "min", "max") + (("p95",) if keep else ()):
                 values[f"{agg}({name})"] = 0.0
         for i, _query in self.ratio_queries:
-            values[f"ratio[{i}]"] = 0.0
+            values[f"ratio[{i}]"] = None  # 0 of 0 is no ratio: never a pass, whatever the policy
             values[f"ratio[{i}].numerator"] = 0.0
         return values
 
@@ -246,6 +248,12 @@ class RuleEngine:
             if ts is None:
                 problems.append(f"{d.name}: {ts_field!r} is missing or not a timestamp (ISO 8601 or epoch seconds)")
                 continue
+            if not 0 <= ts <= time.time() + MAX_FUTURE_S:
+                # e.g. epoch milliseconds: it would carry the watermark centuries ahead and make
+                # every later message late.
+                problems.append(f"{d.name}: {ts_field!r} {record.get(ts_field)!r} is before 1970 or more than "
+                                f"{MAX_FUTURE_S // 3600}h in the future (epoch milliseconds?)")
+                continue
             newest = ts if newest is None else max(newest, ts)
             if not runner.matches(record):
                 continue
@@ -323,7 +331,8 @@ class RuleEngine:
                 while group.next_start + runner.period + runner.lateness <= wm:
                     start = group.next_start
                     checks.append(runner.check(key, group, start, runner.windows.pop((key, start), None)))
-                    if group.no_data_streak >= runner.definition.expire_after:
+                    if group.no_data_streak >= runner.definition.expire_after and \
+                            not any(k == key for k, _ in runner.windows):
                         del runner.groups[key]  # gone quiet: forget it until it sends again
                         break
         return checks

@@ -45,18 +45,19 @@ def make_http_session() -> requests.Session:
 
 
 def safe_url(url: str) -> str:
-    """The URL without user info and query, which may carry credentials (…?token=…); for logs and outcomes."""
+    """Scheme and host only, for logs and outcomes: user info, query and even the path may carry
+    credentials (…?token=…, hooks.slack.com/services/T…/B…/secret)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return urlunsplit((parts.scheme, host, "/…" if parts.path not in ("", "/") else parts.path, "", ""))
 
 
 def _scrub(text: str, url: str) -> str:
-    """An exception text without the URL's query or password (urllib3 puts the request path in it)."""
+    """An exception text without the URL's path, query or user info (urllib3 puts the request path in it)."""
     parts = urlsplit(url)
-    for secret in (parts.query, parts.password):
+    for secret in (parts.query, parts.password, parts.username, parts.path if parts.path != "/" else ""):
         if secret:
             text = text.replace(secret, "[REDACTED]")
     return text

@@ -58,10 +58,10 @@ class RulesService:
         self.settings = settings
         self.log = setup_logging(settings, "rules")
         self.folder = DefinitionFolder(settings.rules_dir)
-        self.engine = RuleEngine(default_lateness_s=settings.rules_allowed_lateness_s,
-                                 idle_partition_s=settings.rules_idle_partition_s)
         self.history = RunHistory(settings.rules_db_url)
-        self.engine.replayed_below = self.history.progress(settings.rules_group)
+        self.active: list[Definition] = []
+        self.engine = self.resumed_engine()
+        self.rebuild = False  # set on a revoke: the open windows must be re-read from the commit
         self.consumer = make_consumer(settings, settings.rules_group)
         self.producer = make_producer(settings)
         self.tracker = DeliveryTracker()
@@ -78,7 +78,7 @@ class RulesService:
             self.log.error("invalid definition file; the other definitions keep running", error=error)
         if not changed and not force:
             return
-        active = [d for d in self.folder.definitions().values() if d.runs_in(self.settings.environment)]
+        self.active = active = [d for d in self.folder.definitions().values() if d.runs_in(self.settings.environment)]
         fresh = self.engine.set_definitions(active)
         for name in sorted(fresh):
             runner = self.engine.runners[name]
@@ -98,11 +98,28 @@ class RulesService:
                 self.consumer.unsubscribe()
             self.subscribed = topics
 
+    def resumed_engine(self) -> RuleEngine:
+        """An engine as after a restart: each group's state and the read positions from the run
+        history; open windows are rebuilt by reading again from the committed offsets."""
+        engine = RuleEngine(default_lateness_s=self.settings.rules_allowed_lateness_s,
+                            idle_partition_s=self.settings.rules_idle_partition_s)
+        engine.set_definitions(self.active)
+        for name, runner in engine.runners.items():
+            engine.restore(name, runner.version, self.history.latest_states(name, runner.version))
+        engine.replayed_below = self.history.progress(self.settings.rules_group)
+        return engine
+
     def on_assign(self, _consumer, partitions) -> None:
+        if self.rebuild:
+            # Eager rebalance (a re-subscribe, another member): every partition restarts at its
+            # commit, i.e. at the oldest open window's first message. Keeping the open windows
+            # would count those messages twice; every check so far is recorded, so resume from it.
+            self.engine, self.read_to, self.committed, self.rebuild = self.resumed_engine(), {}, {}, False
         for tp in partitions:
             self.engine.assign(tp.topic, tp.partition, time.monotonic())
 
     def on_revoke(self, _consumer, partitions) -> None:
+        self.rebuild = True
         for tp in partitions:
             self.engine.revoke(tp.topic, tp.partition)
 

@@ -300,3 +300,30 @@ def test_an_assigned_partition_holds_the_watermark_until_it_delivers_or_idles():
     assert engine.watermark("metrics", now=2) == 20
     engine.revoke("metrics", 1)
     assert engine.watermark("metrics", now=3) == 500
+
+
+def test_an_event_time_in_epoch_milliseconds_is_refused_not_taken_as_the_far_future():
+    engine = RuleEngine([definition("  - {type: metric, field: v, operator: above, value: 1}\n")])
+    (problem,) = engine.add("metrics", 0, 0, {"timestamp": 1_700_000_000_000, "host": "a", "v": 2}, now=0)
+    assert "in the future (epoch milliseconds?)" in problem
+    assert engine.watermark("metrics", now=0) is None  # the watermark did not move
+    assert engine.add("metrics", 0, 1, {"timestamp": 1_700_000_000, "host": "a", "v": 2}, now=0) == []
+
+
+def test_zero_policy_still_gives_an_empty_ratio_no_value():
+    cond = "  - {type: ratio, query: {field: status, equals: error}, operator: below, percent: 5}\n"
+    checks = run(definition(cond, extra="no_data: zero"), [[1], None, [1]], field="status")
+    assert checks[1].values["ratio[0]"] is None and not checks[1].fired
+    assert checks[0].fired and checks[2].fired  # 0 errors of 1 message: 0% is below 5%
+
+
+def test_a_group_with_a_pending_window_is_not_expired_over_it():
+    defn = definition("  - {type: metric, field: v, operator: above, value: 10}\n", extra="expire_after: 3",
+                      group_by="[]")
+    engine = RuleEngine([defn], idle_partition_s=1000)
+    engine.add("metrics", 0, 0, {"timestamp": 0, "v": 1}, now=0)
+    engine.add("metrics", 0, 1, {"timestamp": 20 * MINUTE, "v": 50}, now=0)
+    engine.add("metrics", 0, 2, {"timestamp": 40 * MINUTE, "v": 1}, now=0)
+    checks = engine.advance(0)
+    assert [c.window_start // MINUTE for c in checks if c.fired] == [20]
+    assert engine.held_offsets() == {("metrics", 0): 2}
