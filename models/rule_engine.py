@@ -237,6 +237,7 @@ class RuleEngine:
         problems: list[str] = []
         newest = None
         times: dict[str, float | None] = {}
+        watermark = self.watermark(topic, now)  # this message moves it only after the loop
         for runner in self.runners.values():
             d = runner.definition
             if d.query.topic != topic:
@@ -264,7 +265,6 @@ class RuleEngine:
             key = runner.group_key(record)
             start = math.floor(ts / runner.period) * runner.period
             group = runner.groups.get(key)
-            watermark = self.watermark(topic, now)
             closed = (group is not None and start < group.next_start) or (
                 group is None and watermark is not None and start + runner.period + runner.lateness <= watermark)
             if closed:
