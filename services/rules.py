@@ -31,7 +31,7 @@ from shared.config import Settings, load_settings
 from shared.kafka import (REBALANCE_COMMIT_ERRORS, DeliveryTracker, dead_letter, ensure_topics, make_consumer,
                           make_producer, produce, usable)
 from shared.log import setup_logging
-from shared.rule_definitions import Definition, KafkaAction, SlackAction
+from shared.rule_definitions import Definition, DefinitionFolder, KafkaAction, SlackAction
 from shared.run_history import RunHistory
 from shared.schemas import RuleFiringRecord, decode_object
 
@@ -53,8 +53,6 @@ def firing_record(check: Check, definition: Definition, environment: str) -> Rul
 
 class RulesService:
     def __init__(self, settings: Settings):
-        from shared.rule_definitions import DefinitionFolder
-
         self.settings = settings
         self.log = setup_logging(settings, "rules")
         self.folder = DefinitionFolder(settings.rules_dir)
