@@ -40,11 +40,14 @@ class Settings(BaseSettings):
     topic_anomalies: str = "anomalies"
     topic_scores: str = "scores"
     topic_dead_letter: str = "dead_letter"
+    topic_kafka_metrics: str = "kafka_metrics"  # the broker's own metrics, one record per scrape
     partitions_input: int = Field(3, ge=1)
     partitions_transactions: int = Field(3, ge=1)
     partitions_anomalies: int = Field(3, ge=1)
     partitions_scores: int = Field(3, ge=1)
     partitions_dead_letter: int = Field(1, ge=1)
+    # One partition: a scraper's records form one time series that one worker scores in order.
+    partitions_kafka_metrics: int = Field(1, ge=1)
     replication_factor: int = Field(1, ge=1)
 
     # --- Detector service
@@ -59,6 +62,10 @@ class Settings(BaseSettings):
     # The trained model set (`anomstream train --name`) that scores each input topic.
     model_input: str = "ec2_cpu"
     model_transactions: str = "transactions"
+    # The Real-Time K-Means model (`anomstream train-kmeans`) that scores topic_kafka_metrics;
+    # its streaming state (centers, counts) is checkpointed under kmeans_state_dir.
+    model_kafka_metrics: str = "kafka_kmeans"
+    kmeans_state_dir: Path = REPO_ROOT / ".cache" / "kmeans"
     combine: Literal["or", "and", "majority"] = "or"
     # Outputs whose flags decide (JSON list, e.g. '["isolation_forest","lstm_autoencoder"]' for the
     # seed's IF-or-LSTM); default: the model set's own decision, chosen by NAB score.
@@ -82,6 +89,10 @@ class Settings(BaseSettings):
     # Run history of every check (shared.run_history): SQLite file, or postgresql+psycopg://...
     rules_db_url: str = f"sqlite:///{REPO_ROOT / '.cache' / 'rules' / 'history.db'}"
 
+    # --- Broker metrics scraper (Prometheus JMX exporter endpoint of a broker)
+    metrics_exporter_url: str = "http://127.0.0.1:7071/metrics"
+    scrape_interval_s: float = Field(1.0, gt=0, le=3600)
+
     # --- Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
@@ -99,6 +110,7 @@ class Settings(BaseSettings):
             self.topic_anomalies: self.partitions_anomalies,
             self.topic_scores: self.partitions_scores,
             self.topic_dead_letter: self.partitions_dead_letter,
+            self.topic_kafka_metrics: self.partitions_kafka_metrics,
         }
 
 

@@ -8,6 +8,7 @@ a whole series is in training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timezone
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,41 @@ def read_series_csv(path) -> pd.DataFrame:
         "epoch_s": (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds(),
         "value": df["value"].astype(float),
     })
+
+
+@dataclass
+class VectorBatch:
+    """Multivariate rows (one per scrape of a broker's metrics): what the K-Means detector sees.
+    A column the batch lacks reads as 0.0, which for a rate means "no traffic"."""
+
+    timestamps: np.ndarray  # epoch seconds
+    columns: list[str]
+    values: np.ndarray  # (n, len(columns)) raw, e.g. per-second rates
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def matrix(self, columns: list[str]) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.columns)}
+        out = np.zeros((len(self), len(columns)), dtype=np.float64)
+        for j, c in enumerate(columns):
+            if c in index:
+                out[:, j] = self.values[:, index[c]]
+        return out
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, columns: list[str] | None = None) -> "VectorBatch":
+        """A recorded metrics CSV (timestamp, interval_s, metric columns..., labels) -> batch."""
+        skip = {"timestamp", "interval_s", "is_anomaly", "anomaly"}
+        columns = columns or [c for c in frame.columns if c not in skip]
+        return cls(frame["timestamp"].to_numpy(np.float64), list(columns),
+                   frame[columns].fillna(0.0).to_numpy(np.float64))
+
+    @classmethod
+    def from_records(cls, records: list) -> "VectorBatch":
+        """BrokerMetricsRecords -> batch; columns are the union of their metric names."""
+        columns = sorted({name for r in records for name in r.metrics})
+        values = np.array([[r.metrics.get(c, 0.0) for c in columns] for r in records], dtype=np.float64)
+        stamps = np.array([(r.timestamp if r.timestamp.tzinfo else r.timestamp.replace(tzinfo=timezone.utc))
+                           .timestamp() for r in records], dtype=np.float64)  # naive means UTC
+        return cls(stamps, columns, values.reshape(len(records), len(columns)))

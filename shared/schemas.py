@@ -23,6 +23,24 @@ class MetricRecord(BaseModel):
     value: StrictFloat
 
 
+Rate = Annotated[float, Strict(), Field(ge=0)]
+
+
+class BrokerMetricsRecord(BaseModel):
+    """One scrape of a broker's metrics endpoint: the payload of `kafka_metrics`. Each value is a
+    per-second rate over the interval ending at `timestamp` (counters turned into rates); names
+    are `messages_in`, `bytes_in`, `bytes_out`, `fetch_requests`, `produce_requests` for the broker
+    and `<name>:<topic>` where the exporter labels a topic."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    kind: Literal["broker_metrics"] = "broker_metrics"
+    source: Annotated[str, Strict()] = Field(min_length=1, max_length=512)  # the exporter URL
+    timestamp: datetime
+    interval_s: Annotated[float, Strict(), Field(gt=0)]
+    metrics: dict[str, Rate] = Field(max_length=2000)
+
+
 class ScoreRecord(BaseModel):
     """One scored input: the payload of `scores`, and of `anomalies` when is_anomaly."""
 
