@@ -162,6 +162,7 @@ def elbow_k(ks: list[int], inertia: list[float]) -> int:
 
 class RealTimeKMeans(Detector):
     name = "realtime_kmeans"
+    state_class = StreamingKMeansState  # where the update rule runs (models/spark_streaming_kmeans.py: in Spark)
 
     def __init__(self, k: int | None = None, k_max: int = 10, init: str = "batch", decay: float = 1.0,
                  half_life: float | None = None, time_unit: str = "batches", mini_batch: int = 10,
@@ -187,6 +188,7 @@ class RealTimeKMeans(Detector):
         self.batch_centers = np.empty(0)  # the warm start, kept to show how far the stream moved
         self.pending = np.empty((0, 0))  # scored rows waiting for their mini-batch update
         self.rows_seen = 0
+        self.version = ""  # set by training; a checkpoint of another version is not resumed
 
     # --- training -------------------------------------------------------------------------------
     def fit(self, history: VectorBatch) -> "RealTimeKMeans":
@@ -203,10 +205,10 @@ class RealTimeKMeans(Detector):
             # The adapter: batch centers, each weighted by its number of training rows. Sorted, so
             # seeds that find the same clusters give the same state.
             order = np.lexsort(km.cluster_centers_.T[::-1])
-            self.state = StreamingKMeansState(km.cluster_centers_[order], counts[order], a, p["time_unit"])
+            self.state = self.state_class(km.cluster_centers_[order], counts[order], a, p["time_unit"])
         else:
             rng = np.random.default_rng(p["seed"])
-            self.state = StreamingKMeansState(rng.standard_normal((k, Z.shape[1])),
+            self.state = self.state_class(rng.standard_normal((k, Z.shape[1])),
                                               np.full(k, p["random_weight"]), a, p["time_unit"])
             for start in range(0, len(Z), p["mini_batch"]):  # trainOn: the history as a stream
                 self.state.update(Z[start:start + p["mini_batch"]])
@@ -251,24 +253,21 @@ class RealTimeKMeans(Detector):
         return self.state.distances(self.preprocessor.transform(batch)).argmin(axis=1)
 
     # --- artifacts / checkpoints ----------------------------------------------------------------
-    def save(self, folder: Path) -> None:
-        """The whole model, streaming state included: a checkpoint and a trained artifact are the
-        same file, so a restart resumes where the stream stood instead of re-learning."""
-        write_json(Path(folder) / "realtime_kmeans.json", {
-            "format": STATE_FORMAT, "params": self.params, "threshold": self.threshold,
+    def to_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT, "version": self.version, "params": self.params, "threshold": self.threshold,
             "preprocessor": self.preprocessor.to_dict(), "state": self.state.to_dict(),
             "elbow": self.elbow, "batch_centers": self.batch_centers.tolist(),
             "pending": self.pending.tolist(), "rows_seen": self.rows_seen,
-        })
+        }
 
     @classmethod
-    def load(cls, folder: Path) -> "RealTimeKMeans":
-        path = Path(folder) / "realtime_kmeans.json"
-        d = read_json(path)
+    def from_dict(cls, d: dict, where: str = "model") -> "RealTimeKMeans":
         if d.get("format") != STATE_FORMAT:
-            raise ArtifactError(f"{path}: format {d.get('format')} != {STATE_FORMAT}; retrain")
+            raise ArtifactError(f"{where}: format {d.get('format')} != {STATE_FORMAT}; retrain")
         det = cls(**d["params"])
         det.threshold = d["threshold"]
+        det.version = d.get("version", "")
         det.preprocessor = RatePreprocessor.from_dict(d["preprocessor"])
         det.state = StreamingKMeansState.from_dict(d["state"])
         det.elbow = d["elbow"]
@@ -277,3 +276,21 @@ class RealTimeKMeans(Detector):
         det.pending = np.array(d["pending"], dtype=np.float64).reshape(-1, width)
         det.rows_seen = d["rows_seen"]
         return det
+
+    def save(self, folder: Path) -> None:
+        """The whole model, streaming state included: a checkpoint and a trained artifact hold the
+        same thing, so a restart resumes where the stream stood instead of re-learning."""
+        write_json(Path(folder) / "realtime_kmeans.json", self.to_dict())
+
+    @classmethod
+    def load(cls, folder: Path) -> "RealTimeKMeans":
+        path = Path(folder) / "realtime_kmeans.json"
+        return cls.from_dict(read_json(path), str(path))
+
+    def deviations(self, batch: VectorBatch, top: int = 3) -> list[dict[str, float]]:
+        """Per row, the `top` metrics furthest from the row's nearest center (signed, scaled units)."""
+        Z = self.preprocessor.transform(batch)
+        diff = Z - self.state.centers[self.state.distances(Z).argmin(axis=1)]
+        cols = self.preprocessor.columns
+        order = np.argsort(-np.abs(diff), axis=1)[:, :top]
+        return [{cols[j]: round(float(diff[i, j]), 3) for j in order[i]} for i in range(len(Z))]

@@ -1,7 +1,8 @@
 """alerter: posts every record of `anomalies` to Slack, committing each only after Slack accepted it.
 
-A record is either an ML score (kind "score", or no kind: older records) or a rule firing (kind
-"rule", written by the rules service); a rule firing goes to each channel its definition names.
+A record is an ML score (kind "score", or no kind: older records), a rule firing (kind "rule",
+written by the rules service; it goes to each channel its definition names) or a scored scrape of
+the broker's own metrics (kind "cluster", Real-Time K-Means).
 
 Slack's 429 (Retry-After), 5xx and connection errors are retried by slack-sdk's retry handlers; when
 they give up, the alert is retried with backoff until Slack takes it or the service stops (then it is
@@ -30,7 +31,7 @@ from slack_sdk.webhook import WebhookClient
 from shared.config import Settings, load_settings
 from shared.kafka import DeliveryTracker, dead_letter, ensure_topics, make_consumer, make_producer
 from shared.log import setup_logging
-from shared.schemas import RuleFiringRecord, ScoreRecord, anomaly_record_adapter
+from shared.schemas import ClusterScoreRecord, RuleFiringRecord, ScoreRecord, anomaly_record_adapter
 
 
 class AnyServerErrorRetryHandler(RetryHandler):
@@ -114,6 +115,27 @@ def format_rule_alert(rec: RuleFiringRecord) -> tuple[str, list[dict]]:
     # Slack takes at most 10 fields per section.
     blocks += [{"type": "section", "fields": fields[i:i + 10]} for i in range(0, len(fields), 10)]
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context[:2000]}]})
+    return text, blocks
+
+
+def format_cluster_alert(rec: ClusterScoreRecord) -> tuple[str, list[dict]]:
+    when = _utc(rec.timestamp).strftime("%Y-%m-%d %H:%M:%S UTC")
+    moved = ", ".join(f"{name} {'+' if d >= 0 else ''}{d:g}σ ({rec.metrics.get(name, 0.0):g}/s)"
+                      for name, d in rec.deviations.items())
+    text = (f":rotating_light: Broker metrics anomaly at {when} ({rec.series}): distance {rec.score:.3g} "
+            f"> {rec.threshold:.3g} from the nearest cluster; furthest: {moved}")
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": "Kafka broker metrics anomaly"}},
+        {"type": "section", "fields": [
+            {"type": "mrkdwn", "text": f"*Time*\n{when}"},
+            {"type": "mrkdwn", "text": f"*Source*\n{rec.series}"[:2000]},
+            {"type": "mrkdwn", "text": f"*Distance*\n{rec.score:.3g} (threshold {rec.threshold:.3g})"},
+            {"type": "mrkdwn", "text": f"*Furthest metrics*\n{moved}"[:2000]},
+        ]},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text":
+            f"Real-Time K-Means {rec.model_version} · cluster {rec.nearest_cluster} · "
+            f"{rec.source_topic}[{rec.source_partition}]@{rec.source_offset}"}]},
+    ]
     return text, blocks
 
 
@@ -208,6 +230,9 @@ class Alerter:
         if isinstance(rec, RuleFiringRecord):
             key, channels, (text, blocks) = f"rule:{rec.definition}:{rec.series}", rec.channels, format_rule_alert(rec)
             event_time = _utc(rec.window_end).timestamp()
+        elif isinstance(rec, ClusterScoreRecord):
+            key, channels, (text, blocks) = f"cluster:{rec.series}", [], format_cluster_alert(rec)
+            event_time = _utc(rec.timestamp).timestamp()
         else:
             key, channels, (text, blocks) = rec.series, [], format_alert(rec)
             event_time = rec.timestamp.timestamp()

@@ -25,7 +25,7 @@ from shared.config import Settings, load_settings
 from shared.kafka import (REBALANCE_COMMIT_ERRORS, DeliveryTracker, dead_letter, ensure_topics, make_consumer,
                           make_producer, produce, usable)
 from shared.log import setup_logging
-from shared.schemas import decode_metrics, iso_utc
+from shared.schemas import decode_broker_metrics, decode_metrics, iso_utc
 
 EXIT_CONFIG_ERROR = 2  # a worker that cannot load its models is not restarted
 
@@ -60,10 +60,28 @@ def score_records(msgs, decoded, result, model_version: str, decision: list[str]
     return out
 
 
+def cluster_records(msgs, records, result, model_version: str) -> list[tuple[bytes, bytes, bool]]:
+    """(key, JSON value, is_anomaly) per scored scrape, in the shape of schemas.ClusterScoreRecord."""
+    detected_at = datetime.now(timezone.utc).isoformat()
+    out = []
+    for j, (m, rec) in enumerate(zip(msgs, records)):
+        anomalous = bool(result.flags[j])
+        out.append((rec.source.encode(), orjson.dumps({
+            "kind": "cluster", "series": rec.source, "timestamp": rec.timestamp.isoformat(),
+            "score": float(result.scores[j]), "threshold": float(result.threshold), "is_anomaly": anomalous,
+            "nearest_cluster": int(result.nearest[j]), "deviations": result.deviations[j],
+            "metrics": rec.metrics, "model_version": model_version, "source_topic": m.topic(),
+            "source_partition": m.partition(), "source_offset": m.offset(), "detected_at": detected_at,
+        }), anomalous))
+    return out
+
+
 class Worker:
-    def __init__(self, settings: Settings, worker_id: int, scorers: dict):
+    def __init__(self, settings: Settings, worker_id: int, scorers: dict, cluster_scorer=None):
         self.settings = settings
         self.scorers = scorers  # topic -> Scorer
+        self.cluster = cluster_scorer  # scores settings.topic_kafka_metrics when a K-Means model is trained
+        self.reload_cluster = False
         self.log = setup_logging(settings, "detector").bind(worker=worker_id)
         self.consumer = make_consumer(settings, settings.consumer_group)
         self.producer = make_producer(settings)
@@ -78,7 +96,11 @@ class Worker:
             if not usable(m, self.log):
                 continue
             by_topic[m.topic()].append(m)
+        absorbed: dict[int, int] = {}
         for topic, tmsgs in by_topic.items():
+            if self.cluster is not None and topic == s.topic_kafka_metrics:
+                absorbed = self.process_cluster(tmsgs)
+                continue
             scorer = self.scorers.get(topic)
             if scorer is None:
                 for m in tmsgs:
@@ -102,6 +124,8 @@ class Worker:
             self.stats["scored"] += len(decoded.index)
         # Durable first, then commit: flush raises if any output was not acknowledged.
         tracker.flush(self.producer)
+        if absorbed:  # the K-Means state that includes these scrapes, before their offsets are committed
+            self.cluster.checkpoint(absorbed)
         offsets = {}
         for m in msgs:
             if not m.error():
@@ -118,10 +142,49 @@ class Worker:
                 self.stats["commits_lost_to_rebalance"] += 1
         self.stats["consumed"] += len(msgs)
 
+    def process_cluster(self, msgs) -> dict[int, int]:
+        """Score kafka_metrics scrapes with the Real-Time K-Means; returns partition -> last offset
+        its state absorbed (checkpointed by the caller once the outputs are durable)."""
+        s, scorer = self.settings, self.cluster
+        if self.reload_cluster:  # (re)assigned: continue from the newest checkpoint, whoever wrote it
+            self.log.info("K-Means state restored", source=scorer.restore(), model=scorer.name)
+            self.reload_cluster = False
+        good, records = [], []
+        for m in msgs:
+            if scorer.is_applied(m.partition(), m.offset()):
+                self.stats["already_in_checkpoint"] += 1  # scored before a crash; outputs already durable
+                continue
+            try:
+                records.append(decode_broker_metrics(m.value(), s.max_message_bytes))
+                good.append(m)
+            except ValueError as exc:
+                dead_letter(self.producer, s, m, str(exc), "detector", self.tracker)
+                self.log.warning("dead-lettered", topic=m.topic(), partition=m.partition(), offset=m.offset(),
+                                 reason=str(exc))
+                self.stats["dead_lettered"] += 1
+        if not records:
+            return {}
+        result = scorer.score(records)
+        for key, value, anomalous in cluster_records(good, records, result, scorer.version):
+            produce(self.producer, s.topic_scores, value, key, on_delivery=self.tracker)
+            if anomalous:
+                produce(self.producer, s.topic_anomalies, value, key, on_delivery=self.tracker)
+                self.stats["cluster_anomalies"] += 1
+        self.stats["cluster_scored"] += len(records)
+        absorbed: dict[int, int] = {}
+        for m in good:
+            absorbed[m.partition()] = max(absorbed.get(m.partition(), -1), m.offset())
+        return absorbed
+
+    def on_assign(self, _consumer, partitions) -> None:
+        if any(p.topic == self.settings.topic_kafka_metrics for p in partitions):
+            self.reload_cluster = True
+
     def run(self) -> None:
         s = self.settings
-        self.consumer.subscribe(list(self.scorers))
-        self.log.info("worker ready", topics=list(self.scorers), batch_size=s.batch_size)
+        topics = list(self.scorers) + ([s.topic_kafka_metrics] if self.cluster is not None else [])
+        self.consumer.subscribe(topics, on_assign=self.on_assign)
+        self.log.info("worker ready", topics=topics, batch_size=s.batch_size)
         last_report = time.monotonic()
         try:
             while not self.stopping:
@@ -134,6 +197,22 @@ class Worker:
         finally:
             self.consumer.close()
             self.log.info("worker stopped", **self.stats)
+
+
+def load_cluster_scorer(settings: Settings, log):
+    """The kafka_metrics scorer, or None (topic left unread, nothing lost) when no K-Means model is
+    trained; a model that is there but broken stops the worker like a broken model set."""
+    from models.cluster_scoring import ClusterScorer
+
+    if not (settings.model_dir / settings.model_kafka_metrics / "realtime_kmeans.json").exists():
+        log.warning("no Real-Time K-Means model; kafka_metrics is not scored (run `anomstream train`)",
+                    model=settings.model_kafka_metrics)
+        return None
+    try:
+        return ClusterScorer(settings.model_dir, settings.model_kafka_metrics, settings.kmeans_state_dir)
+    except (ArtifactError, ValueError, KeyError) as exc:
+        log.error("cannot load the Real-Time K-Means model", error=str(exc))
+        sys.exit(EXIT_CONFIG_ERROR)
 
 
 def worker_main(settings: Settings, worker_id: int) -> None:
@@ -160,11 +239,12 @@ def worker_main(settings: Settings, worker_id: int) -> None:
     except (ArtifactError, ValueError) as exc:
         log.error("cannot load models", error=str(exc))
         sys.exit(EXIT_CONFIG_ERROR)
+    cluster_scorer = load_cluster_scorer(settings, log)
     # The models are loaded for good: move them out of the garbage collector's sight, or every
     # full collection walks ~500k TensorFlow objects (about 30% of a worker's time).
     gc.collect()
     gc.freeze()
-    worker = Worker(settings, worker_id, scorers)
+    worker = Worker(settings, worker_id, scorers, cluster_scorer)
     worker.stopping = stop["flag"]
     worker.run()
 

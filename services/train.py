@@ -1,18 +1,45 @@
-"""train: fit the model sets the detector loads (default: `ec2_cpu` on the NAB EC2 CPU series and
-`transactions` on normal synthetic transactions) and write them under the model directory."""
+"""train: fit the models the detector loads and write them under the model directory. Default: the
+`ec2_cpu` model set on the NAB EC2 CPU series, `transactions` on normal synthetic transactions, and
+the Real-Time K-Means `kafka_kmeans` on the history part of a recorded broker-metrics scenario."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from shared.config import load_settings
+from shared.config import REPO_ROOT, Settings, load_settings
 from shared.features import read_series_csv
 from shared.log import setup_logging
 from shared.synthetic import transactions
+
+
+KMEANS_DATA = REPO_ROOT / "tests" / "data" / "kafka_load.csv"
+
+
+def train_kmeans(settings: Settings, csv: Path, train_fraction: float, log) -> None:
+    """Fit the Real-Time K-Means on the first train_fraction rows (the history) of a scenario CSV."""
+    from models.streaming_kmeans import RealTimeKMeans
+    from shared.features import VectorBatch
+
+    name = settings.model_kafka_metrics
+    frame = pd.read_csv(csv)
+    history = frame.iloc[: int(len(frame) * train_fraction)]
+    if "is_anomaly" in history and history["is_anomaly"].any():
+        log.warning("training rows include labelled anomalies; they are left out", count=int(history["is_anomaly"].sum()))
+        history = history[history["is_anomaly"] == 0]
+    batch = VectorBatch.from_frame(history)
+    det = RealTimeKMeans().fit(batch)
+    digest = hashlib.sha256(batch.values.tobytes() + ",".join(batch.columns).encode()).hexdigest()[:8]
+    det.version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest}"
+    det.save(settings.model_dir / name)
+    log.info("trained", name=name, version=det.version, rows=len(batch), k=det.elbow["chosen"],
+             features=det.preprocessor.columns, dropped=det.preprocessor.dropped, threshold=round(det.threshold, 4),
+             folder=str(settings.model_dir / name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=50, help="LSTM epochs (seed spec: 50)")
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--if-missing", action="store_true", help="skip a model set that already exists")
+    parser.add_argument("--kmeans-data", type=Path, default=KMEANS_DATA,
+                        help="scenario CSV for the Real-Time K-Means (`anomstream scenario kafka-load`)")
+    parser.add_argument("--kmeans-train-fraction", type=float, default=0.4,
+                        help="the first part of the scenario that is history (default 0.4)")
     args = parser.parse_args(argv)
     settings = load_settings(**({"model_dir": args.model_dir} if args.model_dir else {}))
     log = setup_logging(settings, "train")
+
+    if args.name in (None, settings.model_kafka_metrics):
+        if args.if_missing and (settings.model_dir / settings.model_kafka_metrics / "realtime_kmeans.json").exists():
+            log.info("model exists; skipped", name=settings.model_kafka_metrics)
+        else:
+            train_kmeans(settings, args.kmeans_data, args.kmeans_train_fraction, log)
+        if args.name:
+            return 0
 
     from models.model_set import ModelSet, train_model_set
 

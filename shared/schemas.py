@@ -41,6 +41,38 @@ class BrokerMetricsRecord(BaseModel):
     metrics: dict[str, Rate] = Field(max_length=2000)
 
 
+def decode_broker_metrics(payload: bytes | None, max_bytes: int) -> BrokerMetricsRecord:
+    """Validate one `kafka_metrics` message; raises ValueError with the reason."""
+    check_size(payload, max_bytes)
+    try:
+        return BrokerMetricsRecord.model_validate_json(payload)
+    except ValidationError as exc:
+        raise ValueError(_describe(exc)) from None
+
+
+class ClusterScoreRecord(BaseModel):
+    """One scored scrape of a broker's metrics (Real-Time K-Means): the payload of `scores`, and of
+    `anomalies` when is_anomaly."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: Literal["cluster"] = "cluster"
+    series: str  # the metrics source (exporter URL)
+    timestamp: datetime
+    score: float  # distance to the nearest center, in scaled units
+    threshold: float
+    is_anomaly: bool
+    nearest_cluster: int
+    # The metrics furthest from the nearest center (scaled units, signed): what made it anomalous.
+    deviations: dict[str, float]
+    metrics: dict[str, float]  # the scraped rates
+    model_version: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    detected_at: datetime
+
+
 class ScoreRecord(BaseModel):
     """One scored input: the payload of `scores`, and of `anomalies` when is_anomaly."""
 
@@ -198,11 +230,12 @@ def _record_kind(v) -> str | None:
     return getattr(v, "kind", None)
 
 
-# Either record that can sit on `anomalies`, told apart by `kind` (missing = "score").
+# Any record that can sit on `anomalies`, told apart by `kind` (missing = "score").
 AnomalyRecord = Annotated[
-    Union[Annotated[ScoreRecord, Tag("score")], Annotated[RuleFiringRecord, Tag("rule")]],
+    Union[Annotated[ScoreRecord, Tag("score")], Annotated[RuleFiringRecord, Tag("rule")],
+          Annotated[ClusterScoreRecord, Tag("cluster")]],
     Discriminator(_record_kind, custom_error_type="anomaly_kind",
-                  custom_error_message="an anomaly record is a JSON object whose kind is 'score' (the default) "
-                                       "or 'rule'"),
+                  custom_error_message="an anomaly record is a JSON object whose kind is 'score' (the default), "
+                                       "'rule' or 'cluster'"),
 ]
-anomaly_record_adapter: TypeAdapter[ScoreRecord | RuleFiringRecord] = TypeAdapter(AnomalyRecord)
+anomaly_record_adapter: TypeAdapter[ScoreRecord | RuleFiringRecord | ClusterScoreRecord] = TypeAdapter(AnomalyRecord)

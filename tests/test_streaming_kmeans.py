@@ -166,3 +166,20 @@ def test_warm_scores_are_the_same_for_every_seed_and_cold_ones_are_not():
     for w in warm[1:]:
         np.testing.assert_allclose(w, warm[0], rtol=0, atol=1e-9)
     assert max(np.abs(c - cold[0]).max() for c in cold[1:]) > 1e-3
+
+
+@pytest.mark.parametrize("time_unit", ["batches", "points"])
+def test_our_update_rule_matches_spark_mllib(time_unit):
+    """The same batches through our StreamingKMeansState and through Spark's StreamingKMeansModel."""
+    from models.spark_streaming_kmeans import SparkStreamingKMeansState
+
+    rng = np.random.default_rng(7)
+    centers, counts = rng.normal(0, 3, (3, 2)), [5.0, 1.0, 2.0]
+    ours = StreamingKMeansState(centers, counts, 0.7, time_unit)
+    spark = SparkStreamingKMeansState(centers, counts, 0.7, time_unit)
+    for size in (4, 1, 9, 3):
+        batch = rng.normal(0, 3, (size, 2))
+        ours.update(batch)
+        spark.update(batch)
+        np.testing.assert_allclose(ours.centers, spark.centers, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(ours.counts, spark.counts, rtol=1e-12)

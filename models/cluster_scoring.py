@@ -1,0 +1,78 @@
+"""The scoring path of `kafka_metrics`: BrokerMetricsRecords -> VectorBatch -> Real-Time K-Means ->
+decision, with the streaming state checkpointed so that a restart resumes instead of re-learning.
+
+Order per batch (the detector service): score -> outputs acknowledged -> checkpoint (state + the
+offsets it has absorbed) -> offset commit. After a crash, a re-read message at or below the
+checkpoint's offset already moved the state and already has its outputs: it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.base import ArtifactError
+from models.streaming_kmeans import RealTimeKMeans
+from shared.features import VectorBatch
+
+
+@dataclass
+class ClusterResult:
+    scores: np.ndarray
+    flags: np.ndarray
+    nearest: np.ndarray
+    deviations: list[dict[str, float]]
+    threshold: float
+
+
+class ClusterScorer:
+    def __init__(self, model_dir: Path, name: str, state_dir: Path):
+        self.name = name
+        self.trained_folder = Path(model_dir) / name
+        self.checkpoint_path = Path(state_dir) / name / "checkpoint.json"
+        self.detector: RealTimeKMeans
+        self.applied: dict[int, int] = {}  # partition -> last offset the state has absorbed
+        self.restore()
+
+    @property
+    def version(self) -> str:
+        return self.detector.version
+
+    def restore(self) -> str:
+        """Load the checkpoint when it continues the trained model, else start from the trained
+        model. Returns where the state came from."""
+        trained = RealTimeKMeans.load(self.trained_folder)
+        self.detector, self.applied = trained.for_stream(), {}
+        if not self.checkpoint_path.exists():
+            return "trained"
+        try:
+            saved = json.loads(self.checkpoint_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"checkpoint {self.checkpoint_path} is not valid JSON: {exc}") from None
+        if saved.get("model", {}).get("version") != trained.version:
+            return "trained (checkpoint of another model version ignored)"
+        self.detector = RealTimeKMeans.from_dict(saved["model"], str(self.checkpoint_path))
+        self.applied = {int(p): int(o) for p, o in saved["offsets"].items()}
+        return "checkpoint"
+
+    def is_applied(self, partition: int, offset: int) -> bool:
+        return offset <= self.applied.get(partition, -1)
+
+    def score(self, records) -> ClusterResult:
+        batch = VectorBatch.from_records(records)
+        deviations = self.detector.deviations(batch)  # with the state that scores the batch's first rows
+        nearest = self.detector.nearest_cluster(batch)
+        scores = self.detector.score(batch)
+        return ClusterResult(scores, self.detector.decide(scores), nearest, deviations, self.detector.threshold)
+
+    def checkpoint(self, offsets: dict[int, int]) -> None:
+        """Write state and absorbed offsets atomically (a crash leaves the old file or the new)."""
+        self.applied.update(offsets)
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"model": self.detector.to_dict(), "offsets": self.applied}))
+        os.replace(tmp, self.checkpoint_path)
