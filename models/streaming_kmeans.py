@@ -107,8 +107,11 @@ class RatePreprocessor:
     """log1p, then drop constant and near-duplicate columns, then standard scaling; fitted on the
     training rows only. A duplicate adds weight to one direction of the distance, not information."""
 
-    def __init__(self, correlation_limit: float = 0.995):
+    def __init__(self, correlation_limit: float = 0.995, topic_metrics: bool = False):
         self.correlation_limit = correlation_limit
+        # Per-topic rates ("messages_in:orders") tie a model to topic names; broker-wide ones carry
+        # over to any traffic mix, so they are the default.
+        self.topic_metrics = topic_metrics
         self.columns: list[str] = []  # kept, in input order
         self.dropped: dict[str, str] = {}  # column -> why
         self.mean = np.empty(0)
@@ -119,6 +122,9 @@ class RatePreprocessor:
         std = Z.std(axis=0)
         kept: list[int] = []
         for j, name in enumerate(batch.columns):
+            if ":" in name and not self.topic_metrics:
+                self.dropped[name] = "per-topic (topic_metrics=False)"
+                continue
             if std[j] <= 1e-9 * (1.0 + abs(Z[:, j].mean())):
                 self.dropped[name] = "constant"
                 continue
@@ -139,12 +145,12 @@ class RatePreprocessor:
         return (Z - self.mean) / self.scale
 
     def to_dict(self) -> dict:
-        return {"correlation_limit": self.correlation_limit, "columns": self.columns, "dropped": self.dropped,
+        return {"correlation_limit": self.correlation_limit, "topic_metrics": self.topic_metrics, "columns": self.columns, "dropped": self.dropped,
                 "mean": self.mean.tolist(), "scale": self.scale.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RatePreprocessor":
-        pre = cls(d["correlation_limit"])
+        pre = cls(d["correlation_limit"], d["topic_metrics"])
         pre.columns, pre.dropped = list(d["columns"]), dict(d["dropped"])
         pre.mean, pre.scale = np.array(d["mean"], dtype=np.float64), np.array(d["scale"], dtype=np.float64)
         return pre
@@ -167,7 +173,8 @@ class RealTimeKMeans(Detector):
     def __init__(self, k: int | None = None, k_max: int = 10, init: str = "batch", decay: float = 1.0,
                  half_life: float | None = None, time_unit: str = "batches", mini_batch: int = 10,
                  update_with: str = "normal", threshold_quantile: float = 1.0, threshold_factor: float = 1.5,
-                 small_cluster_fraction: float = 0.0, correlation_limit: float = 0.995, seed: int = 0,
+                 small_cluster_fraction: float = 0.0, correlation_limit: float = 0.995,
+                 topic_metrics: bool = False, seed: int = 0,
                  n_init: int = 10, random_weight: float = 1.0):
         if init not in ("batch", "random"):
             raise ValueError("init is 'batch' (warm start) or 'random' (cold start)")
@@ -179,10 +186,10 @@ class RealTimeKMeans(Detector):
                        "time_unit": time_unit, "mini_batch": mini_batch, "update_with": update_with,
                        "threshold_quantile": threshold_quantile, "threshold_factor": threshold_factor,
                        "small_cluster_fraction": small_cluster_fraction,
-                       "correlation_limit": correlation_limit, "seed": seed, "n_init": n_init,
+                       "correlation_limit": correlation_limit, "topic_metrics": topic_metrics, "seed": seed, "n_init": n_init,
                        "random_weight": random_weight}
         decay_factor(decay, half_life)  # reject bad values now
-        self.preprocessor = RatePreprocessor(correlation_limit)
+        self.preprocessor = RatePreprocessor(correlation_limit, topic_metrics)
         self.state: StreamingKMeansState | None = None
         self.elbow: dict[str, list] = {}
         self.batch_centers = np.empty(0)  # the warm start, kept to show how far the stream moved

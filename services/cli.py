@@ -11,9 +11,12 @@ COMMANDS = {
     "produce": ("services.producer", "replay CSVs or generate synthetic transactions into Kafka"),
     "detect": ("services.detector", "run the detector workers"),
     "alert": ("services.alerter", "post anomalies to Slack"),
+    "scrape": ("services.metrics_scraper", "publish a broker's metrics (JMX exporter) as rates to kafka_metrics"),
+    "scenario": ("services.kafka_load", "scenario NAME: kafka-load records a labelled broker-metrics CSV"),
     "run": ("services.run_pipeline", "the whole pipeline end to end on the local broker"),
     "bench": ("services.bench", "throughput and latency benchmark"),
     "evaluate": ("services.evaluate", "detection quality on labelled NAB-layout data"),
+    "compare": ("services.compare", "warm-started Real-Time K-Means vs cold-start streaming K-Means"),
     "runs": ("services.rule_runs:runs_main", "recent checks of a detector definition, from the run history"),
     "chart": ("services.rule_runs:chart_main", "PNG chart of a detector definition's checks"),
 }

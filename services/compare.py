@@ -67,6 +67,19 @@ def model_factories(spark: bool, params: dict) -> dict:
     return factories
 
 
+def weaken(frame: pd.DataFrame, strength: float) -> pd.DataFrame:
+    """The labelled rows moved towards the normal median in log space: a row at ratio r to the
+    median becomes r ** strength (1 = as recorded, 0 = normal), to see how small an injected
+    anomaly each model still catches."""
+    out = frame.copy()
+    metrics = [c for c in frame.columns if c not in ("timestamp", "interval_s", "is_anomaly", "anomaly")]
+    anomalous = out["is_anomaly"].astype(bool)
+    median = frame.loc[~anomalous, metrics].median()
+    ratio = (frame.loc[anomalous, metrics] + 1.0) / (median + 1.0)
+    out.loc[anomalous, metrics] = (median + 1.0) * ratio ** strength - 1.0
+    return out
+
+
 def split(frame: pd.DataFrame, train_fraction: float) -> tuple[VectorBatch, VectorBatch, np.ndarray, int]:
     n_train = int(len(frame) * train_fraction)
     history = VectorBatch.from_frame(frame.iloc[:n_train])
@@ -176,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--half-life", type=float, default=None, help="in mini-batches (default: no forgetting)")
     parser.add_argument("--spark", choices=["auto", "yes", "no"], default="auto",
                         help="also run pyspark's StreamingKMeans (auto: when pyspark is installed)")
+    parser.add_argument("--strength", type=float, default=1.0,
+                        help="scale the injected anomalies towards normal (1 = as recorded; see weaken())")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "evaluation_results" / "kmeans")
     args = parser.parse_args(argv)
     from models.spark_streaming_kmeans import spark_available
@@ -184,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.spark == "yes" and not spark_available():
         parser.error("pyspark is not installed (pip install 'anomstream[spark]')")
     frame = pd.read_csv(args.data)
+    if args.strength != 1.0:
+        frame = weaken(frame, args.strength)
     params = {"mini_batch": args.mini_batch, "half_life": args.half_life}
     report = compare(frame, list(range(args.seeds)), args.train_fraction, spark, params)
+    report["strength"] = args.strength
     print(f"{args.data}: {report['rows']} rows, trained on {report['train_rows']}, "
           f"scored {report['test_rows']} ({report['test_anomalies']} labelled anomalous), "
           f"{len(report['seeds'])} seeds")

@@ -1,10 +1,11 @@
 """run: the whole pipeline end to end (what `make run` does).
 
-Starts the local broker (unless KAFKA_BOOTSTRAP_SERVERS names a cluster), trains the model sets
-if they are missing, starts the detector, rules and alerter services as their own processes,
-replays the EC2 CPU series and some synthetic transactions through the producer, waits until every
-input is scored, every message read by the rules service and every anomaly handled by the
-alerter, prints a summary, writes a chart per fired definition and stops all it started.
+Starts the local broker with its JMX exporter (unless KAFKA_BOOTSTRAP_SERVERS names a cluster),
+trains the models if they are missing, starts the detector, rules, alerter and metrics-scraper
+services as their own processes, replays the EC2 CPU series and some synthetic transactions
+through the producer, waits until every input and every scrape of the broker's own metrics is
+scored, every message read by the rules service and every anomaly handled by the alerter, prints a
+summary, writes a chart per fired definition and stops all it started.
 
 The rules service gets a consumer group and run history of this run alone, starting at the
 topics' ends: the replay repeats the same event times on every run, which a long-lived rules
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     broker = None
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        broker = LocalBroker(port=int(settings.bootstrap_servers.rsplit(":", 1)[1]))
+        broker = LocalBroker(port=int(settings.bootstrap_servers.rsplit(":", 1)[1]),
+                             jmx_port=urlsplit(settings.metrics_exporter_url).port)
         broker.start()
         log.info("local kafka broker ready", bootstrap=broker.bootstrap)
     procs: dict[str, subprocess.Popen] = {}
@@ -70,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("no trained model set; training", name=name, epochs=args.epochs)
                 subprocess.run([sys.executable, "-m", "services.train", "--name", name,
                                 "--epochs", str(args.epochs)], check=True, cwd=REPO_ROOT)
+        if not (settings.model_dir / settings.model_kafka_metrics / "realtime_kmeans.json").exists():
+            subprocess.run([sys.executable, "-m", "services.train", "--name", settings.model_kafka_metrics],
+                           check=True, cwd=REPO_ROOT)
         ensure_topics(settings)
         topics = [settings.topic_input, settings.topic_transactions, settings.topic_scores,
-                  settings.topic_anomalies, settings.topic_dead_letter]
+                  settings.topic_anomalies, settings.topic_dead_letter, settings.topic_kafka_metrics]
         before = {t: end_offsets(settings, t) for t in topics}
 
         log_dir = REPO_ROOT / ".cache" / "run"
@@ -94,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         # The alerter prints each alert as it arrives (to Slack too, when Slack is configured).
         procs["alerter"] = subprocess.Popen([sys.executable, "-m", "services.alerter"], cwd=REPO_ROOT,
                                             env=env | {"ANOMSTREAM_LOG_FORMAT": "console"})
-        log.info("detector, rules and alerter started", detector_log=str(log_dir / "detector.log"),
-                 rules_log=str(log_dir / "rules.log"))
+        with open(log_dir / "scraper.log", "ab") as scraper_log:
+            procs["scraper"] = subprocess.Popen([sys.executable, "-m", "services.metrics_scraper"], cwd=REPO_ROOT,
+                                                env=env, stdout=scraper_log, stderr=subprocess.STDOUT)
+        log.info("detector, rules, alerter and scraper started", detector_log=str(log_dir / "detector.log"),
+                 rules_log=str(log_dir / "rules.log"), scraper_log=str(log_dir / "scraper.log"))
 
         keys, values = encode(replay_frame(settings.nab_csvs()))
         sent = send(settings, settings.topic_input, keys, values, log=log)
@@ -103,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         sent += send(settings, settings.topic_transactions, keys, values, log=log)
 
         scores_start = before[settings.topic_scores]
-        wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent,
+
+        def scrapes() -> int:
+            return delta(before[settings.topic_kafka_metrics], end_offsets(settings, settings.topic_kafka_metrics))
+
+        wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + scrapes(),
                  args.timeout, f"{sent} scores", procs)
         # The rules service records how far it read with each batch of checks; once it read
         # everything and the partitions went idle, every window the watermark passed is checked.
@@ -113,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                              for t in rules_topics for p, o in inputs_end[t].items()),
                  args.timeout, "the rules service to read every input", procs)
         time.sleep(settings.rules_idle_partition_s + 3)
+        scraper = procs.pop("scraper")
+        scraper.send_signal(signal.SIGTERM)
+        scraper.wait(60)
+        n_scrapes = scrapes()
+        wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + n_scrapes,
+                 args.timeout, f"{n_scrapes} scrapes of the broker's metrics scored", procs)
         anomalies_end = end_offsets(settings, settings.topic_anomalies)
         wait_for(lambda: all(committed_offsets(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
                              for p, o in anomalies_end.items()),
@@ -122,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         fired = Counter()
         for msg in read_topic(settings, settings.topic_anomalies, before[settings.topic_anomalies], n_anomalies):
             rec = orjson.loads(msg.value())
-            if rec.get("kind") == "rule":
-                fired["rules"] += 1
+            if rec.get("kind") in ("rule", "cluster"):
+                fired[rec["kind"]] += 1
                 continue
             fired[rec["source_topic"]] += 1
             fired["isolation_forest"] += rec["if_anomaly"]
@@ -144,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         history.close()
         print(f"SUMMARY produced={sent} scored={scored} anomalies={n_anomalies} "
               f"(input_data={fired[settings.topic_input]} transactions={fired[settings.topic_transactions]} "
-              f"rules={fired['rules']}; isolation_forest={fired['isolation_forest']} "
+              f"rules={fired['rule']} kafka_metrics={fired['cluster']}; isolation_forest={fired['isolation_forest']} "
               f"lstm_autoencoder={fired['lstm_autoencoder']}) rule_checks={rule_counts['checks']} "
-              f"rule_checks_fired={rule_counts['fired']} dead_letter={dead} "
+              f"rule_checks_fired={rule_counts['fired']} broker_metric_scrapes={n_scrapes} dead_letter={dead} "
               f"elapsed_s={time.monotonic() - started:.1f}", flush=True)
         print(f"run history: anomstream runs NAME --db {rules_env['ANOMSTREAM_RULES_DB_URL']}", flush=True)
-        return 0 if scored >= sent else 1
+        return 0 if scored >= sent + n_scrapes else 1
     finally:
         for proc in procs.values():
             if proc.poll() is None:

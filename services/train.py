@@ -12,13 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from shared.config import REPO_ROOT, Settings, load_settings
+from shared.config import Settings, load_settings
 from shared.features import read_series_csv
 from shared.log import setup_logging
 from shared.synthetic import transactions
-
-
-KMEANS_DATA = REPO_ROOT / "tests" / "data" / "kafka_load.csv"
 
 
 def train_kmeans(settings: Settings, csv: Path, train_fraction: float, log) -> None:
@@ -51,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=50, help="LSTM epochs (seed spec: 50)")
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--if-missing", action="store_true", help="skip a model set that already exists")
-    parser.add_argument("--kmeans-data", type=Path, default=KMEANS_DATA,
-                        help="scenario CSV for the Real-Time K-Means (`anomstream scenario kafka-load`)")
+    parser.add_argument("--kmeans-data", type=Path, default=None,
+                        help="scenario CSV for the Real-Time K-Means (`anomstream scenario kafka-load`; "
+                             "default: settings.kmeans_training_data, the recorded run in tests/data)")
     parser.add_argument("--kmeans-train-fraction", type=float, default=0.4,
                         help="the first part of the scenario that is history (default 0.4)")
     args = parser.parse_args(argv)
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.if_missing and (settings.model_dir / settings.model_kafka_metrics / "realtime_kmeans.json").exists():
             log.info("model exists; skipped", name=settings.model_kafka_metrics)
         else:
-            train_kmeans(settings, args.kmeans_data, args.kmeans_train_fraction, log)
+            train_kmeans(settings, args.kmeans_data or settings.kmeans_training_data, args.kmeans_train_fraction, log)
         if args.name:
             return 0
 

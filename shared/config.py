@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     # its streaming state (centers, counts) is checkpointed under kmeans_state_dir.
     model_kafka_metrics: str = "kafka_kmeans"
     kmeans_state_dir: Path = REPO_ROOT / ".cache" / "kmeans"
+    # The recorded broker-metrics scenario it is trained on (its first 40% is the history).
+    kmeans_training_data: Path = REPO_ROOT / "tests" / "data" / "kafka_load.csv"
     combine: Literal["or", "and", "majority"] = "or"
     # Outputs whose flags decide (JSON list, e.g. '["isolation_forest","lstm_autoencoder"]' for the
     # seed's IF-or-LSTM); default: the model set's own decision, chosen by NAB score.

@@ -27,18 +27,37 @@ CACHE = REPO_ROOT / ".cache" / "kafka"
 DEFAULT_DATA = CACHE / "data"
 
 
-def fetch_jars(libs: Path = CACHE / "libs") -> Path:
-    if any(libs.glob("kafka_2.13-*.jar")):
-        return libs
+AGENT_ARTIFACT = "jmx_prometheus_javaagent"
+JMX_CONFIG = REPO_ROOT / "broker" / "jmx-exporter.yaml"
+
+
+def _copy_dependencies(out: Path, *flags: str) -> None:
     if shutil.which("mvn") is None:
         raise RuntimeError("Maven (mvn) is needed to fetch the Kafka broker jars")
-    libs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-         f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
+         f"-DoutputDirectory={out}", "-DincludeScope=runtime", *flags],
         check=True,
     )
+
+
+def fetch_jars(libs: Path = CACHE / "libs") -> Path:
+    """The broker's classpath (every jar of broker/pom.xml but the java agent)."""
+    if not any(libs.glob("kafka_2.13-*.jar")):
+        _copy_dependencies(libs, f"-DexcludeArtifactIds={AGENT_ARTIFACT}")
     return libs
+
+
+def fetch_jmx_agent(agent_dir: Path = CACHE / "agent") -> Path:
+    """The Prometheus JMX exporter java agent jar, kept off the broker's classpath."""
+    jars = sorted(agent_dir.glob(f"{AGENT_ARTIFACT}-*.jar"))
+    if not jars:
+        _copy_dependencies(agent_dir, f"-DincludeArtifactIds={AGENT_ARTIFACT}")
+        jars = sorted(agent_dir.glob(f"{AGENT_ARTIFACT}-*.jar"))
+    if len(jars) != 1:
+        raise RuntimeError(f"expected one {AGENT_ARTIFACT} jar in {agent_dir}, found {[j.name for j in jars]}")
+    return jars[0]
 
 
 def free_port() -> int:
@@ -55,18 +74,32 @@ def port_open(port: int) -> bool:
 
 class LocalBroker:
     def __init__(self, data_dir: Path = DEFAULT_DATA, port: int = 9092, controller_port: int | None = None,
-                 heap: str = "768m", java_agent: str | None = None):
+                 heap: str = "768m", java_agent: str | None = None, jmx_port: int | None = None):
         self.data_dir = Path(data_dir)
         self.port = port
         self.controller_port = controller_port or port + 1
         self.heap = heap
-        self.java_agent = java_agent  # e.g. "-javaagent:jmx_prometheus.jar=7071:config.yaml"
+        self.java_agent = java_agent  # any "-javaagent:..." option; jmx_port builds the exporter's
+        # The Prometheus JMX exporter agent serves broker/jmx-exporter.yaml's metrics on this port.
+        self.jmx_port = jmx_port
         self.pid_file = self.data_dir / "broker.pid"
+        self.metrics_url_file = self.data_dir / "metrics.url"  # the running broker's exporter, for status
         self.log_file = self.data_dir / "broker.log"
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        """The JMX exporter's endpoint (None without jmx_port)."""
+        return f"http://127.0.0.1:{self.jmx_port}/metrics" if self.jmx_port else None
+
+    def _agents(self) -> list[str]:
+        agents = [self.java_agent] if self.java_agent else []
+        if self.jmx_port:  # 1.x agent argument: [host:]port:config
+            agents.append(f"-javaagent:{fetch_jmx_agent()}=127.0.0.1:{self.jmx_port}:{JMX_CONFIG}")
+        return agents
 
     def _write_properties(self) -> Path:
         props = {
@@ -109,8 +142,9 @@ class LocalBroker:
         if self.running_pid():
             self.wait_ready(timeout)
             return
-        if port_open(self.port):
-            raise RuntimeError(f"port {self.port} is already taken by another process")
+        for taken in (self.port, self.jmx_port):
+            if taken and port_open(taken):
+                raise RuntimeError(f"port {taken} is already taken by another process")
         libs = fetch_jars()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         props = self._write_properties()
@@ -120,10 +154,14 @@ class LocalBroker:
                 self._java(libs, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props)),
                 check=True, stdout=subprocess.DEVNULL,
             )
-        cmd = self._java(libs, *( [self.java_agent] if self.java_agent else []), "kafka.Kafka", str(props))
+        cmd = self._java(libs, *self._agents(), "kafka.Kafka", str(props))
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid_file.write_text(str(proc.pid))
+        if self.metrics_url:
+            self.metrics_url_file.write_text(self.metrics_url)
+        else:
+            self.metrics_url_file.unlink(missing_ok=True)
         try:
             self.wait_ready(timeout, proc)
         except Exception:
@@ -167,6 +205,13 @@ class LocalBroker:
         else:
             os.kill(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
+        self.metrics_url_file.unlink(missing_ok=True)
+
+    def running_metrics_url(self) -> str | None:
+        """The exporter endpoint the running broker was started with, if any."""
+        if self.running_pid() is None or not self.metrics_url_file.exists():
+            return None
+        return self.metrics_url_file.read_text().strip() or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,23 +219,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down", "status", "fetch"])
     parser.add_argument("--port", type=int, default=9092)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--jmx-port", type=int, default=7071,
+                        help="up: serve the broker's metrics (Prometheus JMX exporter agent) on this port")
+    parser.add_argument("--no-jmx", action="store_true", help="up: start the broker without the exporter")
     args = parser.parse_args(argv)
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and args.action in ("up", "down"):
         print(f"KAFKA_BOOTSTRAP_SERVERS={os.environ['KAFKA_BOOTSTRAP_SERVERS']}: using that cluster, "
               "no local broker started or stopped")
         return 0
-    broker = LocalBroker(args.data_dir, args.port)
+    broker = LocalBroker(args.data_dir, args.port, jmx_port=None if args.no_jmx else args.jmx_port)
     if args.action == "fetch":
         print(fetch_jars())
+        print(fetch_jmx_agent())
     elif args.action == "up":
+        already = broker.running_pid() is not None
         broker.start()
-        print(f"kafka broker ready on {broker.bootstrap} (pid {broker.running_pid()}, log {broker.log_file})")
+        metrics = broker.running_metrics_url()
+        print(f"kafka broker {'already running' if already else 'ready'} on {broker.bootstrap} "
+              f"(pid {broker.running_pid()}, log {broker.log_file}); "
+              + (f"metrics on {metrics}" if metrics else "no metrics exporter"))
     elif args.action == "down":
         broker.stop()
         print("kafka broker stopped")
     else:
         pid = broker.running_pid()
-        print(f"running on {broker.bootstrap} (pid {pid})" if pid else "not running")
+        metrics = broker.running_metrics_url()
+        print((f"running on {broker.bootstrap} (pid {pid})" + (f", metrics on {metrics}" if metrics else ""))
+              if pid else "not running")
         return 0 if pid else 1
     return 0
 

@@ -7,33 +7,50 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import SERIES_24AE8D, Service
+from helpers import SERIES_24AE8D, Service, broker_metrics_frame
 
-from shared.features import read_series_csv
+from models.streaming_kmeans import RealTimeKMeans
+from shared.features import VectorBatch, read_series_csv
 from shared.local_broker import LocalBroker, free_port
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory) -> str:
-    """A real single-node broker started for this session and stopped after it (or the cluster
-    named by KAFKA_BOOTSTRAP_SERVERS, which is then left alone)."""
+def kafka_broker(tmp_path_factory) -> dict:
+    """A real single-node broker, with the Prometheus JMX exporter agent, started for this session
+    and stopped after it (or the cluster named by KAFKA_BOOTSTRAP_SERVERS, which is then left alone;
+    its exporter is ANOMSTREAM_METRICS_EXPORTER_URL, if set)."""
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if external:
-        yield external
+        yield {"bootstrap": external, "metrics_url": os.environ.get("ANOMSTREAM_METRICS_EXPORTER_URL")}
         return
-    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port())
+    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port(),
+                         jmx_port=free_port())
     broker.start()
     try:
-        yield broker.bootstrap
+        yield {"bootstrap": broker.bootstrap, "metrics_url": broker.metrics_url}
     finally:
         broker.stop()
         assert broker.running_pid() is None
 
 
 @pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker) -> str:
+    return kafka_broker["bootstrap"]
+
+
+@pytest.fixture(scope="session")
+def kafka_metrics_url(kafka_broker) -> str:
+    """The session broker's JMX exporter endpoint."""
+    if not kafka_broker["metrics_url"]:
+        pytest.fail("KAFKA_BOOTSTRAP_SERVERS names an external cluster: set ANOMSTREAM_METRICS_EXPORTER_URL to "
+                    "its JMX exporter's metrics endpoint for the broker-metrics tests")
+    return kafka_broker["metrics_url"]
+
+
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """Both model sets, trained small (1 LSTM epoch) so the suite stays fast; quality is not
-    what these tests measure."""
+    """Both model sets, trained small (1 LSTM epoch) so the suite stays fast, and the Real-Time
+    K-Means on synthetic broker metrics; quality is not what these tests measure."""
     from models.model_set import train_model_set
     from shared.synthetic import transactions
 
@@ -41,11 +58,14 @@ def model_dir(tmp_path_factory) -> Path:
     train_model_set("ec2_cpu", read_series_csv(SERIES_24AE8D), folder, epochs=1, progress=False)
     train_model_set("transactions", transactions(3000, outlier_prob=0, seed=1)[["series", "epoch_s", "value"]],
                     folder, epochs=1, progress=False)
+    kmeans = RealTimeKMeans().fit(VectorBatch.from_frame(broker_metrics_frame(300)))
+    kmeans.version = "kafka_kmeans-test"
+    kmeans.save(folder / "kafka_kmeans")
     return folder
 
 
 @pytest.fixture
-def pipeline_settings(kafka_bootstrap, model_dir) -> dict:
+def pipeline_settings(kafka_bootstrap, model_dir, tmp_path) -> dict:
     """Settings overrides with topics and groups of this test alone."""
     run = uuid.uuid4().hex[:8]
     return {
@@ -56,6 +76,8 @@ def pipeline_settings(kafka_bootstrap, model_dir) -> dict:
         "topic_scores": f"scores_{run}",
         "topic_anomalies": f"anomalies_{run}",
         "topic_dead_letter": f"dead_letter_{run}",
+        "topic_kafka_metrics": f"kafka_metrics_{run}",
+        "kmeans_state_dir": str(tmp_path / "kmeans_state"),
         "consumer_group": f"detector_{run}",
         "alerter_group": f"alerter_{run}",
         "poll_timeout_s": "0.1",

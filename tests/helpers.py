@@ -101,3 +101,26 @@ class FakeMsg:
     def error(self):
         return None
 
+
+
+BROKER_RATES = {"messages_in": 250.0, "bytes_in": 22_000.0, "bytes_out": 22_000.0, "fetch_requests": 12.0,
+                "produce_requests": 50.0}
+
+
+def broker_metrics_frame(rows: int, seed: int = 0, bursts=(), large=()) -> pd.DataFrame:
+    """Rows in the layout of `anomstream scenario kafka-load`: normal per-second rates with noise, a
+    burst (x1000 messages and bytes) at the rows in `bursts`, a ~960 KB message at those in `large`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"timestamp": 1_700_000_000.0 + np.arange(rows), "interval_s": 1.0})
+    for name, rate in BROKER_RATES.items():
+        frame[name] = rate * np.exp(rng.normal(0, 0.05, rows))
+    frame["is_anomaly"], frame["anomaly"] = 0, ""
+    for i in bursts:
+        frame.loc[i, ["messages_in", "bytes_in", "produce_requests"]] *= 1000
+        frame.loc[i, ["is_anomaly", "anomaly"]] = [1, f"burst-{i}"]
+    for i in large:
+        frame.loc[i, "bytes_in"] += 960_000
+        frame.loc[i, ["is_anomaly", "anomaly"]] = [1, f"large-message-{i}"]
+    return frame

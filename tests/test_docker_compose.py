@@ -17,7 +17,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker" / "docker-compose.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
-SERVICES = {"kafka", "trainer", "detector", "rules", "alerter", "producer"}
+SERVICES = {"kafka", "trainer", "detector", "rules", "alerter", "scraper", "producer"}
 
 INSTALL_HINT = (
     "no Docker Compose implementation found: neither `docker compose version` nor `docker-compose` "
@@ -99,3 +99,13 @@ def test_dockerfile_installs_project_as_non_root():
     assert users[-1].split(":")[0] not in ("root", "0"), f"final USER is root: {users[-1]}"
     assert any(i.upper().startswith("CMD") for i in instructions), "no default CMD"
     assert not re.search(r"\b(openjdk|default-jre|default-jdk|temurin)\b", text, re.I), "no Java in the image"
+
+
+def test_kafka_image_runs_the_same_jmx_exporter_as_the_local_broker():
+    pom = (REPO / "broker" / "pom.xml").read_text()
+    pom_version = re.search(r"<jmx.exporter.version>([^<]+)<", pom).group(1)
+    kafka_image = (REPO / "docker" / "Dockerfile.kafka").read_text()
+    assert re.search(rf"ARG JMX_EXPORTER_VERSION={re.escape(pom_version)}\n", kafka_image)
+    assert "-javaagent:/opt/jmx/jmx_prometheus_javaagent.jar=7071:/opt/jmx/jmx-exporter.yaml" in kafka_image
+    scraper = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["scraper"]
+    assert scraper["environment"]["ANOMSTREAM_METRICS_EXPORTER_URL"] == "http://kafka:7071/metrics"

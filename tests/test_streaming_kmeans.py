@@ -183,3 +183,48 @@ def test_our_update_rule_matches_spark_mllib(time_unit):
         spark.update(batch)
         np.testing.assert_allclose(ours.centers, spark.centers, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(ours.counts, spark.counts, rtol=1e-12)
+
+
+def test_recorded_scenario_warm_model_flags_every_injected_anomaly_and_nothing_else():
+    """tests/data/kafka_load.csv: one recorded `anomstream scenario kafka-load` run on the real broker."""
+    import pandas as pd
+
+    from services.compare import DEFAULT_DATA, confusion_rates, split
+
+    frame = pd.read_csv(DEFAULT_DATA)
+    history, live, truth, _ = split(frame, 0.4)
+    assert truth.sum() == 6 and not frame["is_anomaly"][: len(history)].any()
+    scores = []
+    for seed in (0, 1, 2):
+        det = RealTimeKMeans(seed=seed).fit(history)
+        scores.append(det.score(live))
+        rates = confusion_rates(truth, det.decide(scores[-1]))
+        assert min(rates[m] for m in ("TPR", "TNR", "PPV", "NPV")) >= 0.99, rates
+    np.testing.assert_array_equal(scores[1], scores[0])
+    np.testing.assert_array_equal(scores[2], scores[0])
+
+
+def test_confusion_rates_and_center_spread():
+    from services.compare import center_spread, confusion_rates
+
+    r = confusion_rates(np.array([1, 1, 0, 0, 0], bool), np.array([1, 0, 1, 0, 0], bool))
+    assert (r["TPR"], r["TNR"], r["PPV"], r["NPV"]) == (0.5, 2 / 3, 0.5, 2 / 3)
+    a = np.array([[0.0, 0.0], [10.0, 0.0]])
+    assert center_spread([a, a[::-1]]) == {"mean": 0.0, "max": 0.0}  # same centers, other order
+    assert center_spread([a, a + [0.0, 3.0]])["mean"] == pytest.approx(3.0)
+
+
+def test_compare_command_writes_its_report(tmp_path):
+    import json
+
+    from services.compare import main
+
+    assert main(["kmeans", "--seeds", "2", "--spark", "no", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(report["models"]) == {"warm_realtime_kmeans", "cold_streaming_kmeans"}
+    warm = report["models"]["warm_realtime_kmeans"]
+    assert warm["TPR"]["min"] >= 0.99 and warm["PPV"]["min"] >= 0.99
+    assert warm["score_max_abs_diff_across_seeds"] == 0.0
+    assert report["models"]["cold_streaming_kmeans"]["center_distance_across_seeds"]["mean"] > 0
+    for name in ("results.csv", "elbow.png", "scores.png"):
+        assert (tmp_path / name).stat().st_size > 1000
