@@ -7,8 +7,8 @@ rows -> batch K-Means with k at the elbow of the inertia curve -> adapter: the s
 starts from the batch centers, each weighted by the number of training rows in its cluster ->
 mini-batch updates  c' = (c·n·a + x̄·m) / (n·a + m),  n' = n·a + m.
 A row is anomalous when its distance to the nearest center (of a cluster holding at least
-`small_cluster_fraction` of the weight) exceeds a threshold learned from the training distances;
-a row in a small far cluster is therefore anomalous too.
+`small_cluster_fraction` of the weight) exceeds a threshold learned from the training distances
+(never below `min_threshold`); a row in a small far cluster is therefore anomalous too.
 
 init="random" is the cold-start baseline with Spark MLlib StreamingKMeans semantics: Gaussian
 random centers of equal weight, updated with every row (anomalies included), and the split of a
@@ -105,10 +105,15 @@ class StreamingKMeansState:
 
 class RatePreprocessor:
     """log1p, then drop constant and near-duplicate columns, then standard scaling; fitted on the
-    training rows only. A duplicate adds weight to one direction of the distance, not information."""
+    training rows only. A duplicate adds weight to one direction of the distance, not information.
 
-    def __init__(self, correlation_limit: float = 0.995, topic_metrics: bool = False):
+    A column's scale is at least log(1 + min_change): a rate that hardly moved in training (a
+    broker's fetch rate varies ~1%) would otherwise make any ordinary shift of a few percent, such
+    as one more consumer group, look like many standard deviations."""
+
+    def __init__(self, correlation_limit: float = 0.995, topic_metrics: bool = False, min_change: float = 0.25):
         self.correlation_limit = correlation_limit
+        self.min_change = min_change
         # Per-topic rates ("messages_in:orders") tie a model to topic names; broker-wide ones carry
         # over to any traffic mix, so they are the default.
         self.topic_metrics = topic_metrics
@@ -137,7 +142,7 @@ class RatePreprocessor:
         if not kept:
             raise ValueError("every metric column is constant in the training rows; nothing to cluster")
         self.columns = [batch.columns[j] for j in kept]
-        self.mean, self.scale = Z[:, kept].mean(axis=0), std[kept]
+        self.mean, self.scale = Z[:, kept].mean(axis=0), np.maximum(std[kept], math.log1p(self.min_change))
         return self
 
     def transform(self, batch: VectorBatch) -> np.ndarray:
@@ -145,12 +150,13 @@ class RatePreprocessor:
         return (Z - self.mean) / self.scale
 
     def to_dict(self) -> dict:
-        return {"correlation_limit": self.correlation_limit, "topic_metrics": self.topic_metrics, "columns": self.columns, "dropped": self.dropped,
+        return {"correlation_limit": self.correlation_limit, "topic_metrics": self.topic_metrics,
+                "min_change": self.min_change, "columns": self.columns, "dropped": self.dropped,
                 "mean": self.mean.tolist(), "scale": self.scale.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RatePreprocessor":
-        pre = cls(d["correlation_limit"], d["topic_metrics"])
+        pre = cls(d["correlation_limit"], d["topic_metrics"], d["min_change"])
         pre.columns, pre.dropped = list(d["columns"]), dict(d["dropped"])
         pre.mean, pre.scale = np.array(d["mean"], dtype=np.float64), np.array(d["scale"], dtype=np.float64)
         return pre
@@ -174,7 +180,7 @@ class RealTimeKMeans(Detector):
                  half_life: float | None = None, time_unit: str = "batches", mini_batch: int = 10,
                  update_with: str = "normal", threshold_quantile: float = 1.0, threshold_factor: float = 1.5,
                  small_cluster_fraction: float = 0.0, correlation_limit: float = 0.995,
-                 topic_metrics: bool = False, seed: int = 0,
+                 topic_metrics: bool = False, min_change: float = 0.25, min_threshold: float = 1.0, seed: int = 0,
                  n_init: int = 10, random_weight: float = 1.0):
         if init not in ("batch", "random"):
             raise ValueError("init is 'batch' (warm start) or 'random' (cold start)")
@@ -186,10 +192,11 @@ class RealTimeKMeans(Detector):
                        "time_unit": time_unit, "mini_batch": mini_batch, "update_with": update_with,
                        "threshold_quantile": threshold_quantile, "threshold_factor": threshold_factor,
                        "small_cluster_fraction": small_cluster_fraction,
-                       "correlation_limit": correlation_limit, "topic_metrics": topic_metrics, "seed": seed, "n_init": n_init,
+                       "correlation_limit": correlation_limit, "topic_metrics": topic_metrics,
+                       "min_change": min_change, "min_threshold": min_threshold, "seed": seed, "n_init": n_init,
                        "random_weight": random_weight}
         decay_factor(decay, half_life)  # reject bad values now
-        self.preprocessor = RatePreprocessor(correlation_limit, topic_metrics)
+        self.preprocessor = RatePreprocessor(correlation_limit, topic_metrics, min_change)
         self.state: StreamingKMeansState | None = None
         self.elbow: dict[str, list] = {}
         self.batch_centers = np.empty(0)  # the warm start, kept to show how far the stream moved
@@ -221,7 +228,10 @@ class RealTimeKMeans(Detector):
                 self.state.update(Z[start:start + p["mini_batch"]])
         self.batch_centers = self.state.centers.copy()
         train_distance = self._distances(Z)
-        self.threshold = float(np.quantile(train_distance, p["threshold_quantile"]) * p["threshold_factor"])
+        # At least min_threshold scaled units: a row whose every rate is within min_change of its
+        # center is ordinary, however still the training traffic was.
+        self.threshold = float(max(np.quantile(train_distance, p["threshold_quantile"]) * p["threshold_factor"],
+                                   p["min_threshold"]))
         self.pending = np.empty((0, Z.shape[1]))
         self.rows_seen = 0
         return self

@@ -1,11 +1,13 @@
 """run: the whole pipeline end to end (what `make run` does).
 
 Starts the local broker with its JMX exporter (unless KAFKA_BOOTSTRAP_SERVERS names a cluster),
-trains the models if they are missing, starts the detector, rules, alerter and metrics-scraper
-services as their own processes, replays the EC2 CPU series and some synthetic transactions
-through the producer, waits until every input and every scrape of the broker's own metrics is
-scored, every message read by the rules service and every anomaly handled by the alerter, prints a
-summary, writes a chart per fired definition and stops all it started.
+trains the models if they are missing, starts the detector, rules and alerter services as their
+own processes, replays the EC2 CPU series and some synthetic transactions through the producer,
+then runs a short `scenario kafka-load` that puts a known load (with one burst and one large
+message) on the broker and publishes a scrape of the broker's metrics every second. It waits until
+every input and every scrape is scored, every message read by the rules service and every anomaly
+handled by the alerter, prints a summary, writes a chart per fired definition and stops all it
+started.
 
 The rules service gets a consumer group and run history of this run alone, starting at the
 topics' ends: the replay repeats the same event times on every run, which a long-lived rules
@@ -21,10 +23,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 
 from urllib.parse import urlsplit
 
 import orjson
+import pandas as pd
 
 from models.model_set import ModelSet
 from services.producer import encode, replay_frame, send
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="LSTM epochs if models must be trained")
     parser.add_argument("--transactions", type=int, default=5000, help="synthetic transactions to send")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--scrapes", type=int, default=60, help="rows of the broker-metrics scenario (1 per second)")
     args = parser.parse_args(argv)
     settings = load_settings()
     log = setup_logging(settings, "run")
@@ -101,12 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         # The alerter prints each alert as it arrives (to Slack too, when Slack is configured).
         procs["alerter"] = subprocess.Popen([sys.executable, "-m", "services.alerter"], cwd=REPO_ROOT,
                                             env=env | {"ANOMSTREAM_LOG_FORMAT": "console"})
-        with open(log_dir / "scraper.log", "ab") as scraper_log:
-            procs["scraper"] = subprocess.Popen([sys.executable, "-m", "services.metrics_scraper"], cwd=REPO_ROOT,
-                                                env=env, stdout=scraper_log, stderr=subprocess.STDOUT)
-        log.info("detector, rules, alerter and scraper started", detector_log=str(log_dir / "detector.log"),
-                 rules_log=str(log_dir / "rules.log"), scraper_log=str(log_dir / "scraper.log"))
-
+        log.info("detector, rules and alerter started", detector_log=str(log_dir / "detector.log"),
+                 rules_log=str(log_dir / "rules.log"))
         keys, values = encode(replay_frame(settings.nab_csvs()))
         sent = send(settings, settings.topic_input, keys, values, log=log)
         keys, values = encode(transactions(args.transactions, outlier_prob=0.01, seed=int(time.time())))
@@ -119,6 +120,19 @@ def main(argv: list[str] | None = None) -> int:
 
         wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + scrapes(),
                  args.timeout, f"{sent} scores", procs)
+        # The broker's own metrics, once the replay is scored (the model knows the scenario's traffic,
+        # not the replay's): a known load with one burst and one large message, scraped every
+        # second to kafka_metrics, where the Real-Time K-Means scores them.
+        scenario_csv = log_dir / "kafka_load.csv"
+        metrics_url = broker.metrics_url if broker is not None else settings.metrics_exporter_url
+        with open(log_dir / "scenario.log", "ab") as scenario_log:
+            procs["scenario"] = subprocess.Popen(
+                [sys.executable, "-m", "services.kafka_load", "kafka-load", "--rows", str(args.scrapes),
+                 "--bursts", "1", "--large-messages", "1", "--quiet-fraction", "0.5", "--min-gap", "10",
+                 "--bootstrap", settings.bootstrap_servers, "--url", metrics_url, "--out", str(scenario_csv)],
+                cwd=REPO_ROOT, env=env, stdout=scenario_log, stderr=subprocess.STDOUT)
+        log.info("broker-metrics scenario started", rows=args.scrapes, log=str(log_dir / "scenario.log"))
+
         # The rules service records how far it read with each batch of checks; once it read
         # everything and the partitions went idle, every window the watermark passed is checked.
         inputs_end = {t: end_offsets(settings, t) for t in rules_topics}
@@ -127,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                              for t in rules_topics for p, o in inputs_end[t].items()),
                  args.timeout, "the rules service to read every input", procs)
         time.sleep(settings.rules_idle_partition_s + 3)
-        scraper = procs.pop("scraper")
-        scraper.send_signal(signal.SIGTERM)
-        scraper.wait(60)
+        scenario = procs.pop("scenario")
+        if scenario.wait(args.timeout) != 0:
+            raise RuntimeError(f"the broker-metrics scenario exited with {scenario.returncode}; see "
+                               f"{log_dir / 'scenario.log'}")
         n_scrapes = scrapes()
         wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + n_scrapes,
                  args.timeout, f"{n_scrapes} scrapes of the broker's metrics scored", procs)
@@ -140,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
         n_anomalies = delta(before[settings.topic_anomalies], anomalies_end)
         fired = Counter()
+        cluster_flagged: list[float] = []
         for msg in read_topic(settings, settings.topic_anomalies, before[settings.topic_anomalies], n_anomalies):
             rec = orjson.loads(msg.value())
+            if rec.get("kind") == "cluster":
+                cluster_flagged.append(datetime.fromisoformat(rec["timestamp"]).timestamp())
             if rec.get("kind") in ("rule", "cluster"):
                 fired[rec["kind"]] += 1
                 continue
@@ -162,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run([sys.executable, "-m", "services.cli", "chart", name, "--out", str(chart),
                                 "--db", rules_env["ANOMSTREAM_RULES_DB_URL"]], cwd=REPO_ROOT, check=True)
         history.close()
+        labels = pd.read_csv(scenario_csv)
+        injected = labels.loc[labels["is_anomaly"] == 1, "timestamp"].to_numpy()
+        caught = sum(any(abs(t - f) < 0.01 for f in cluster_flagged) for t in injected)
+        print(f"BROKER METRICS scrapes={n_scrapes} injected={len(injected)} injected_flagged={caught} "
+              f"other_scrapes_flagged={len(cluster_flagged) - caught} "
+              f"labelled CSV {scenario_csv}", flush=True)
         print(f"SUMMARY produced={sent} scored={scored} anomalies={n_anomalies} "
               f"(input_data={fired[settings.topic_input]} transactions={fired[settings.topic_transactions]} "
               f"rules={fired['rule']} kafka_metrics={fired['cluster']}; isolation_forest={fired['isolation_forest']} "
