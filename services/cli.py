@@ -16,6 +16,7 @@ COMMANDS = {
     "run": ("services.run_pipeline", "the whole pipeline end to end on the local broker"),
     "bench": ("services.bench", "throughput and latency benchmark"),
     "evaluate": ("services.evaluate", "detection quality on labelled NAB-layout data"),
+    "logs": ("services.logs", "log anomaly detection: parse, evaluate"),
     "compare": ("services.compare", "warm-started Real-Time K-Means vs cold-start streaming K-Means"),
     "runs": ("services.rule_runs:runs_main", "recent checks of a detector definition, from the run history"),
     "chart": ("services.rule_runs:chart_main", "PNG chart of a detector definition's checks"),
