@@ -65,51 +65,56 @@ def test_columns_are_the_broker_and_the_scenario_topics():
 
 
 @pytest.mark.kafka
-def test_short_run_labels_exactly_the_rows_holding_the_injections(kafka_bootstrap, kafka_metrics_url, tmp_path):
+def test_short_run_labels_the_rows_holding_the_injections(kafka_bootstrap, kafka_metrics_url, tmp_path):
     run = uuid.uuid4().hex[:8]
     settings = as_settings({"bootstrap_servers": kafka_bootstrap, "topic_kafka_metrics": f"kafka_metrics_{run}"})
-    # 0.5 s rows: a 20000-message burst is acknowledged and consumed in ~0.15 s, well inside its row,
-    # even on a busy 2-core machine.
-    config = LoadConfig(rows=30, interval_s=0.5, factor=2, bursts=1, burst_messages=20_000, large_messages=1,
+    # 1 s rows and a 10000-message burst: acknowledged and consumed in ~0.1-0.3 s. On a loaded machine an
+    # injection can still overrun into the next scrape; the scenario then labels both rows (checked below).
+    config = LoadConfig(rows=24, interval_s=1.0, factor=2, bursts=1, burst_messages=10_000, large_messages=1,
                         quiet_fraction=0.3, min_gap=5, topic_prefix=f"load_{run}_", group=f"load_{run}")
     out = tmp_path / "load.csv"
     summary = run_scenario(settings, kafka_metrics_url, out, config, log=setup_logging(settings, "kafka-load"))
     frame = pd.read_csv(out, keep_default_na=False)
     p1, p2 = config.topics
     assert list(frame.columns) == ["timestamp", "interval_s", *columns_for(config), "is_anomaly", "anomaly"]
-    assert len(frame) == 30 and summary["rows"] == 30
+    assert len(frame) == 24 and summary["rows"] == 24
+    sidecar = json.loads((tmp_path / "load.csv.anomalies.json").read_text())
+    injected = {a["name"]: a for a in sidecar["anomalies"]}
+    assert set(injected) == {"burst-1", "large-message-1"}
+    burst_rows, large_rows = injected["burst-1"]["rows"], injected["large-message-1"]["rows"]
+    for rows in (burst_rows, large_rows):  # one row, or two consecutive ones after an overrun
+        assert rows == list(range(rows[0], rows[0] + len(rows))) and 1 <= len(rows) <= 2
     labelled = frame[frame.is_anomaly == 1]
-    assert labelled.anomaly.tolist() == ["burst-1", "large-message-1"]
+    assert labelled.index.tolist() == sorted(burst_rows + large_rows)
+    assert set(labelled.anomaly) == {"burst-1", "large-message-1"}
     assert labelled.index.min() >= 0.3 * config.rows
 
-    # The rows holding the injections, by the broker's own counts: exactly the labelled ones.
+    # The rows holding the injections, by the broker's own counts: inside the labelled ones.
     p1_messages = (frame[f"messages_in:{p1}"] * frame.interval_s).round()
     p1_bytes = frame[f"bytes_in:{p1}"] * frame.interval_s
-    assert frame.index[p1_messages >= config.burst_messages].tolist() == labelled.index[:1].tolist()
-    assert frame.index[p1_bytes >= config.large_bytes].tolist() == labelled.index.tolist()
     normal = frame[frame.is_anomaly == 0]
-    burst, large = labelled.iloc[0], labelled.iloc[1]
-    assert burst.messages_in > 50 * normal.messages_in.median()
-    assert large.bytes_in > 10 * normal.bytes_in.median()
-    assert large.messages_in < 2 * normal.messages_in.max()  # one message: a size anomaly, not a rate one
-    # The consumer group read them too (bytes out in the same row), and producer 2 is steady.
-    assert burst.bytes_out > 50 * normal.bytes_out.median() and large.bytes_out > 10 * normal.bytes_out.median()
+    assert p1_messages[burst_rows].sum() >= config.burst_messages
+    assert p1_bytes[large_rows].sum() >= config.large_bytes
+    assert (p1_messages[normal.index] < config.burst_messages / 10).all()
+    assert (p1_bytes[normal.index] < config.large_bytes / 10).all()
+    burst, large = frame.loc[burst_rows].max(), frame.loc[large_rows].max()
+    assert burst.messages_in > 10 * normal.messages_in.median()
+    assert large.bytes_in > 5 * normal.bytes_in.median()
+    assert frame.loc[large_rows, "messages_in"].max() < 2 * normal.messages_in.max()  # a size anomaly, not a rate one
+    # The consumer group read them too, and producer 2 is steady.
+    assert burst.bytes_out > 10 * normal.bytes_out.median() and large.bytes_out > 5 * normal.bytes_out.median()
     assert normal[f"messages_in:{p2}"].mean() == pytest.approx(0.5 * config.factor, rel=0.35)
     assert normal[f"messages_in:{p1}"].median() == pytest.approx(
         sum(n / p for n, p in PATTERN_P1) * config.factor, rel=0.15)
 
-    sidecar = json.loads((tmp_path / "load.csv.anomalies.json").read_text())
-    injected = {a["name"]: a for a in sidecar["anomalies"]}
-    assert set(injected) == {"burst-1", "large-message-1"}
-    for name, row in (("burst-1", burst), ("large-message-1", large)):
-        a = injected[name]
-        assert row.timestamp - row.interval_s - 0.01 < a["start"] < a["end"] < row.timestamp + 0.01
-        assert a["rows"] == [int(frame.index[frame.anomaly == name][0])]
+    for name, rows in (("burst-1", burst_rows), ("large-message-1", large_rows)):
+        a, first, last = injected[name], frame.loc[rows[0]], frame.loc[rows[-1]]
+        assert first.timestamp - first.interval_s - 0.01 < a["start"] < a["end"] < last.timestamp + 0.01
     assert injected["burst-1"]["bytes"] == config.burst_messages * MESSAGE_BYTES
-    assert summary["burst_vs_normal_load"] > 50
+    assert summary["burst_vs_normal_load"] > 10
 
     records = read_topic(settings, settings.topic_kafka_metrics, idle=2, timeout=30)
-    assert len(records) == 30
+    assert len(records) == 24
     assert all(BrokerMetricsRecord.model_validate_json(m.value()).source == kafka_metrics_url for m in records)
 
 
