@@ -64,8 +64,7 @@ class ClusterScorer:
 
     def score(self, records) -> ClusterResult:
         batch = VectorBatch.from_records(records)
-        deviations = self.detector.deviations(batch)  # with the state that scores the batch's first rows
-        nearest = self.detector.nearest_cluster(batch)
+        nearest, deviations = self.detector.explain(batch)  # with the state that scores the batch's first rows
         scores = self.detector.score(batch)
         return ClusterResult(scores, self.detector.decide(scores), nearest, deviations, self.detector.threshold)
 

@@ -266,9 +266,6 @@ class RealTimeKMeans(Detector):
     def for_stream(self) -> "RealTimeKMeans":
         return copy.deepcopy(self)
 
-    def nearest_cluster(self, batch: VectorBatch) -> np.ndarray:
-        return self.state.distances(self.preprocessor.transform(batch)).argmin(axis=1)
-
     # --- artifacts / checkpoints ----------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
@@ -304,10 +301,12 @@ class RealTimeKMeans(Detector):
         path = Path(folder) / "realtime_kmeans.json"
         return cls.from_dict(read_json(path), str(path))
 
-    def deviations(self, batch: VectorBatch, top: int = 3) -> list[dict[str, float]]:
-        """Per row, the `top` metrics furthest from the row's nearest center (signed, scaled units)."""
+    def explain(self, batch: VectorBatch, top: int = 3) -> tuple[np.ndarray, list[dict[str, float]]]:
+        """Per row, its nearest cluster and the `top` metrics furthest from that cluster's center
+        (signed, scaled units), with the current state."""
         Z = self.preprocessor.transform(batch)
-        diff = Z - self.state.centers[self.state.distances(Z).argmin(axis=1)]
+        nearest = self.state.distances(Z).argmin(axis=1)
+        diff = Z - self.state.centers[nearest]
         cols = self.preprocessor.columns
         order = np.argsort(-np.abs(diff), axis=1)[:, :top]
-        return [{cols[j]: round(float(diff[i, j]), 3) for j in order[i]} for i in range(len(Z))]
+        return nearest, [{cols[j]: round(float(diff[i, j]), 3) for j in order[i]} for i in range(len(Z))]

@@ -87,7 +87,9 @@ def split(frame: pd.DataFrame, train_fraction: float) -> tuple[VectorBatch, Vect
     return history, live, frame["is_anomaly"].to_numpy(bool)[n_train:], n_train
 
 
-def compare(frame: pd.DataFrame, seeds: list[int], train_fraction: float, spark: bool, params: dict) -> dict:
+def compare(frame: pd.DataFrame, seeds: list[int], train_fraction: float, spark: bool,
+            params: dict) -> tuple[dict, dict[str, list], VectorBatch, np.ndarray]:
+    """(report, each model's runs per seed, the scored rows, their labels)."""
     history, live, truth, n_train = split(frame, train_fraction)
     report: dict = {"rows": len(frame), "train_rows": n_train, "test_rows": len(live),
                     "test_anomalies": int(truth.sum()),
@@ -119,9 +121,7 @@ def compare(frame: pd.DataFrame, seeds: list[int], train_fraction: float, spark:
             "features": first["det"].preprocessor.columns,
             "dropped": first["det"].preprocessor.dropped,
         }
-    report["_runs"] = runs
-    report["_live"] = (live, truth)
-    return report
+    return report, runs, live, truth
 
 
 def table(report: dict) -> str:
@@ -134,14 +134,14 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(report: dict, frame: pd.DataFrame, out: Path) -> None:
+def write_outputs(report: dict, runs: dict[str, list], live: VectorBatch, truth: np.ndarray, frame: pd.DataFrame,
+                  out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    runs, (live, truth) = report.pop("_runs"), report.pop("_live")
     write_json(out / "metrics.json", report)
     n_train = report["train_rows"]
     rows = pd.DataFrame({"timestamp": live.timestamps, "is_anomaly": truth.astype(int),
@@ -202,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.strength != 1.0:
         frame = weaken(frame, args.strength)
     params = {"mini_batch": args.mini_batch, "half_life": args.half_life}
-    report = compare(frame, list(range(args.seeds)), args.train_fraction, spark, params)
+    report, runs, live, truth = compare(frame, list(range(args.seeds)), args.train_fraction, spark, params)
     report["strength"] = args.strength
     print(f"{args.data}: {report['rows']} rows, trained on {report['train_rows']}, "
           f"scored {report['test_rows']} ({report['test_anomalies']} labelled anomalous), "
           f"{len(report['seeds'])} seeds")
     print(table(report))
-    write_outputs(report, frame, args.out)
+    write_outputs(report, runs, live, truth, frame, args.out)
     print(f"wrote {args.out}/metrics.json, results.csv, elbow.png, scores.png")
     return 0
 
