@@ -105,3 +105,18 @@ class NextEventDetector(KerasWindowModel):
         unknown or below min_prob, which defaults to the model's own)."""
         ranks, owner = self._ranks(sessions, min_prob)
         return per_session_max(ranks, owner, len(sessions), empty=1.0)
+
+    def rank_windows(self, contexts: Sequence[Sequence[str]], targets: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Streaming use: (rank, probability) of each target event after its window of h event ids
+        (PAD on the left of a young session, END as the target that closes one), in one network
+        call. Ranks follow target_ranks at the model's min_prob: UNKNOWN_RANK for an event never
+        seen in training or below min_prob."""
+        self._check_fitted()
+        if not len(targets):
+            return np.empty(0), np.empty(0)
+        encoded = np.asarray([self.vocab.encode(c) for c in contexts], dtype=np.int32).reshape(-1, self.params["h"])
+        target_ids = np.asarray(self.vocab.encode(targets), dtype=np.int64)
+        unique, inverse = np.unique(encoded, axis=0, return_inverse=True)
+        probs = self._predict(unique)[inverse.reshape(-1)]
+        ranks = target_ranks(probs, target_ids, self.vocab.unknown_id, self.params["min_prob"])
+        return ranks, probs[np.arange(len(target_ids)), target_ids]

@@ -2,6 +2,8 @@
 
   anomstream logs parse FILE [--out CSV] [--state PATH] [--truth STRUCTURED_CSV] [--sessions CSV]
   anomstream logs evaluate [--sessions CSV] [--out DIR] [--splits N] [--epochs E] [--quick]
+  anomstream logs train [--sessions CSV] [--templates CSV] [--epochs E] [--name NAME] [--if-missing]
+  anomstream logs render [--split test] [--out FILE] [--open-sessions N] [--seed S]
 """
 
 from __future__ import annotations
@@ -59,10 +61,45 @@ def parse_main(argv: list[str]) -> int:
     return 0
 
 
+def render_main(argv: list[str]) -> int:
+    from shared.log_render import render_sessions
+    from shared.log_sessions import read_sessions_csv
+
+    settings = load_settings()
+    parser = argparse.ArgumentParser(prog="anomstream logs render",
+                                     description="raw HDFS_v1 lines of labelled sessions (for a replay whose "
+                                                 "answers are known); the labels go to FILE.labels.csv")
+    parser.add_argument("--sessions", type=Path, default=settings.data_dir / "hdfs" / "hdfs_100k_sessions.csv")
+    parser.add_argument("--split", default="test", help="rows of this Split value ('all': every row)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / ".cache" / "logs" / "hdfs_test.log")
+    parser.add_argument("--open-sessions", type=int, default=20, help="sessions interleaved at once")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    frame = read_sessions_csv(args.sessions)
+    if args.split != "all":
+        frame = frame[frame["Split"] == args.split]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    lines = list(render_sessions(list(frame["BlockId"]), list(frame["events"]), args.seed, args.open_sessions))
+    args.out.write_text("\n".join(lines) + "\n")
+    frame[["BlockId", "Label"]].to_csv(labels_path(args.out), index=False)
+    print(f"{len(lines)} lines of {len(frame)} sessions ({int(frame['y'].sum())} anomalous) -> {args.out}")
+    return 0
+
+
+def labels_path(log_file: Path) -> Path:
+    return log_file.with_name(log_file.name + ".labels.csv")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "parse":
         return parse_main(argv[1:])
+    if argv and argv[0] == "train":
+        from services.log_train import main as train_main
+
+        return train_main(argv[1:])
+    if argv and argv[0] == "render":
+        return render_main(argv[1:])
     if argv and argv[0] == "evaluate":
         from services.log_evaluate import main as evaluate_main
 

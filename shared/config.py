@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     topic_scores: str = "scores"
     topic_dead_letter: str = "dead_letter"
     topic_kafka_metrics: str = "kafka_metrics"  # the broker's own metrics, one record per scrape
+    topic_logs: str = "logs"  # raw log lines: plain text, or JSON with a `message` field
     partitions_input: int = Field(3, ge=1)
     partitions_transactions: int = Field(3, ge=1)
     partitions_anomalies: int = Field(3, ge=1)
@@ -48,6 +49,9 @@ class Settings(BaseSettings):
     partitions_dead_letter: int = Field(1, ge=1)
     # One partition: a scraper's records form one time series that one worker scores in order.
     partitions_kafka_metrics: int = Field(1, ge=1)
+    # One partition by default: all lines of a session must reach the same log detector, and a
+    # plain-text producer sets no key. Raise it only when producers key each line by its session.
+    partitions_logs: int = Field(1, ge=1)
     replication_factor: int = Field(1, ge=1)
 
     # --- Detector service
@@ -72,6 +76,17 @@ class Settings(BaseSettings):
     # Outputs whose flags decide (JSON list, e.g. '["isolation_forest","lstm_autoencoder"]' for the
     # seed's IF-or-LSTM); default: the model set's own decision, chosen by NAB score.
     decision: list[str] | None = None
+
+    # --- Log detector service (raw lines of topic_logs -> templates -> sessions -> next-event model)
+    logdetector_group: str = "anomstream-logdetector"
+    model_logs: str = "hdfs_logs"  # `anomstream logs train` writes it under model_dir
+    log_state_dir: Path = REPO_ROOT / ".cache" / "logs" / "stream"  # drain3 state + session checkpoint
+    log_session_key: str = r"blk_-?\d+"  # regex of a session key in a line (default: HDFS block id)
+    log_session_timeout_s: float = Field(300.0, gt=0)  # event time without a line that ends a session
+    log_terminal_events: list[str] = []  # event ids that end a session at once
+    log_max_sessions: int = Field(100_000, ge=1)  # open sessions kept; beyond it the least recent go
+    log_checkpoint_interval_s: float = Field(5.0, ge=0)  # session state + offsets written this often
+    log_max_line_bytes: int = Field(16 * 1024, ge=64)
 
     # --- Alerter service
     alerter_group: str = "anomstream-alerter"
@@ -113,6 +128,7 @@ class Settings(BaseSettings):
             self.topic_scores: self.partitions_scores,
             self.topic_dead_letter: self.partitions_dead_letter,
             self.topic_kafka_metrics: self.partitions_kafka_metrics,
+            self.topic_logs: self.partitions_logs,
         }
 
 

@@ -90,6 +90,7 @@ class Window:
     key: str
     context: tuple[str, ...]
     target: str
+    flagged: bool = False  # the session was already found anomalous (see SessionTracker.flag)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class _Session:
     recent: deque
     last_ts: float
     events: int = 0
+    flagged: bool = False
 
 
 @dataclass
@@ -135,7 +137,7 @@ class SessionTracker:
             session = self._sessions[key] = _Session(deque([self.pad] * self.h, maxlen=self.h), ts)
         else:
             self._sessions.move_to_end(key)
-        out = [Window(key, tuple(session.recent), event)]
+        out = [Window(key, tuple(session.recent), event, session.flagged)]
         session.recent.append(event)
         session.events += 1
         session.last_ts = max(session.last_ts, ts)
@@ -153,10 +155,26 @@ class SessionTracker:
         if session is None:
             return []
         self.closed += 1
-        return [Window(key, tuple(session.recent), self.end)] if self.end is not None else []
+        return [Window(key, tuple(session.recent), self.end, session.flagged)] if self.end is not None else []
 
     def close_idle(self, now: float) -> list[Window]:
         """Close every session whose last event is more than timeout_s before `now`."""
         # A full scan: keys are ordered by arrival, which need not be the order of event time.
         idle = [key for key, s in self._sessions.items() if now - s.last_ts > self.timeout_s]
         return [w for key in idle for w in self.close(key)]
+
+    def flag(self, key: str) -> None:
+        """Remember that a session was found anomalous (one alert per session, not one per event)."""
+        if key in self._sessions:
+            self._sessions[key].flagged = True
+
+    def to_dict(self) -> dict:
+        """The open sessions, least recently active first, for a checkpoint."""
+        return {"evicted": self.evicted, "closed": self.closed,
+                "sessions": [[k, list(s.recent), s.last_ts, s.events, s.flagged] for k, s in self._sessions.items()]}
+
+    def restore(self, state: dict) -> None:
+        self.evicted, self.closed = int(state["evicted"]), int(state["closed"])
+        self._sessions = OrderedDict(
+            (k, _Session(deque(recent, maxlen=self.h), float(ts), int(n), bool(f)))
+            for k, recent, ts, n, f in state["sessions"])

@@ -147,3 +147,37 @@ def grouping_agreement(predicted: Sequence[str], truth: Sequence[str]) -> dict:
         "unmatched": sorted(set(true_sizes) - set(matched)),
         "grouping_accuracy": sum(true_sizes[t] for t in matched) / len(truth) if truth else 1.0,
     }
+
+
+class TemplateAlignment:
+    """Our drain3 templates -> the event ids of a reference template list (e.g. the `T01`..`T19` of
+    the HDFS 100k sessions, parsed by another Drain run), so a model trained on those sessions can
+    score the lines we mine. A reference template's `<*>` matches any text; a line's event is the
+    reference whose pattern matches its mined template, else (the cluster has generalised past the
+    reference, say two references merged into one cluster) the one matching the masked line itself,
+    else none (an event the model never saw: anomalous). Among several matches the most literal wins.
+    """
+
+    def __init__(self, reference: dict[str, str]):
+        self.reference = dict(reference)
+        # Most literal first: the pattern with the most fixed characters decides a tie.
+        ordered = sorted(self.reference.items(), key=lambda kv: -len(kv[1].replace("<*>", "")))
+        self._patterns = [(eid, self._compile(template)) for eid, template in ordered]
+        self._by_template: dict[str, str | None] = {}
+
+    @staticmethod
+    def _compile(template: str) -> re.Pattern:
+        parts = [re.escape(p) for p in " ".join(template.split()).split("<*>")]
+        return re.compile(".*?".join(parts), re.DOTALL)
+
+    def _lookup(self, text: str) -> str | None:
+        text = " ".join(text.split())
+        return next((eid for eid, pattern in self._patterns if pattern.fullmatch(text)), None)
+
+    def event_for(self, template: str, content: str | None = None) -> str | None:
+        if template not in self._by_template:
+            if len(self._by_template) > 10_000:  # templates are few; a bound against a runaway miner
+                self._by_template.clear()
+            self._by_template[template] = self._lookup(template)
+        found = self._by_template[template]
+        return found if found is not None or content is None else self._lookup(content)
