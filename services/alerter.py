@@ -2,7 +2,8 @@
 
 A record is an ML score (kind "score", or no kind: older records), a rule firing (kind "rule",
 written by the rules service; it goes to each channel its definition names) or a scored scrape of
-the broker's own metrics (kind "cluster", Real-Time K-Means).
+the broker's own metrics (kind "cluster", Real-Time K-Means) or an anomalous log session (kind
+"log", written by the log detector).
 
 Slack's 429 (Retry-After), 5xx and connection errors are retried by slack-sdk's retry handlers; when
 they give up, the alert is retried with backoff until Slack takes it or the service stops (then it is
@@ -13,7 +14,6 @@ a rule firing has its own cooldown per definition and group, so it never hides a
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from collections import Counter
@@ -31,7 +31,9 @@ from slack_sdk.webhook import WebhookClient
 from shared.config import Settings, load_settings
 from shared.kafka import DeliveryTracker, dead_letter, ensure_topics, make_consumer, make_producer
 from shared.log import setup_logging
-from shared.schemas import ClusterScoreRecord, RuleFiringRecord, ScoreRecord, anomaly_record_adapter
+from shared.signals import stop_on_signals
+from shared.schemas import (ClusterScoreRecord, LogSessionRecord, RuleFiringRecord, ScoreRecord,
+                            anomaly_record_adapter)
 
 
 class AnyServerErrorRetryHandler(RetryHandler):
@@ -139,6 +141,28 @@ def format_cluster_alert(rec: ClusterScoreRecord) -> tuple[str, list[dict]]:
     return text, blocks
 
 
+def format_log_alert(rec: LogSessionRecord) -> tuple[str, list[dict]]:
+    when = _utc(rec.timestamp).strftime("%Y-%m-%d %H:%M:%S UTC")
+    what = "session ended" if rec.event == "<END>" else f"event {rec.event} `{rec.template}`"
+    text = f":rotating_light: Log anomaly in session {rec.series} at {when}: {what}: {rec.reason}"
+    before = " → ".join(rec.window) or "(session start)"
+    fields = [
+        {"type": "mrkdwn", "text": f"*Session*\n{rec.series}"[:2000]},
+        {"type": "mrkdwn", "text": f"*Time*\n{when}"},
+        {"type": "mrkdwn", "text": f"*Unexpected*\n{what}"[:2000]},
+        {"type": "mrkdwn", "text": f"*Why*\n{rec.reason}"[:2000]},
+        {"type": "mrkdwn", "text": f"*Events before it*\n{before}"[:2000]},
+    ]
+    blocks = [{"type": "header", "text": {"type": "plain_text", "text": f"Log anomaly in {rec.series}"[:150]}},
+              {"type": "section", "fields": fields}]
+    if rec.line:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"```{rec.line[:2900]}```"}})
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text":
+        f"next-event model {rec.model_version} · k={rec.k} · {rec.session_events} events so far · "
+        f"{rec.source_topic}[{rec.source_partition}]@{rec.source_offset}"}]})
+    return text, blocks
+
+
 class SlackNotifier:
     def __init__(self, settings: Settings):
         self.channel = settings.slack_channel
@@ -230,6 +254,9 @@ class Alerter:
         if isinstance(rec, RuleFiringRecord):
             key, channels, (text, blocks) = f"rule:{rec.definition}:{rec.series}", rec.channels, format_rule_alert(rec)
             event_time = _utc(rec.window_end).timestamp()
+        elif isinstance(rec, LogSessionRecord):
+            key, channels, (text, blocks) = f"log:{rec.series}", [], format_log_alert(rec)
+            event_time = _utc(rec.timestamp).timestamp()
         elif isinstance(rec, ClusterScoreRecord):
             key, channels, (text, blocks) = f"cluster:{rec.series}", [], format_cluster_alert(rec)
             event_time = _utc(rec.timestamp).timestamp()
@@ -286,12 +313,7 @@ class Alerter:
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="anomstream alert", description=__doc__).parse_args(argv)
     alerter = Alerter(load_settings())
-
-    def on_signal(_sig, _frame):
-        alerter.stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(alerter)
     alerter.run()
     return 0
 

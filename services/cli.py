@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("services.train", "train the model sets"),
     "produce": ("services.producer", "replay CSVs or generate synthetic transactions into Kafka"),
     "detect": ("services.detector", "run the detector workers"),
+    "logdetect": ("services.logdetector", "run the log detector (raw lines of `logs` -> anomalous sessions)"),
     "alert": ("services.alerter", "post anomalies to Slack"),
     "scrape": ("services.metrics_scraper", "publish a broker's metrics (JMX exporter) as rates to kafka_metrics"),
     "scenario": ("services.kafka_load", "scenario NAME: kafka-load records a labelled broker-metrics CSV"),

@@ -1,8 +1,10 @@
-"""producer: replays NAB-style CSVs into `input_data`, or generates synthetic `transactions`."""
+"""producer: replays NAB-style CSVs into `input_data`, generates synthetic `transactions`, or
+replays a raw log file line by line into `logs`."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,22 @@ def encode(frame: pd.DataFrame) -> tuple[list[bytes], list[bytes]]:
     return keys, values
 
 
+def encode_log_lines(path: Path, session_key: str) -> tuple[list[bytes | None], list[bytes]]:
+    """Each non-empty line of a raw log as a plain-text message, keyed by the first session key it
+    names (so with several partitions a session's lines stay in one, in order); no key otherwise."""
+    pattern = re.compile(session_key)
+    keys, values = [], []
+    with open(path, "rb") as fh:
+        for raw in fh:
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            match = pattern.search(line.decode("utf-8", errors="replace"))
+            keys.append(match.group(0).encode() if match else None)
+            values.append(line)
+    return keys, values
+
+
 def send(settings: Settings, topic: str, keys: list[bytes], values: list[bytes], rate: float | None = None,
          log=None) -> int:
     """Produce every message, paced at `rate` msgs/s if given; returns the count acknowledged.
@@ -60,8 +78,10 @@ def send(settings: Settings, topic: str, keys: list[bytes], values: list[bytes],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anomstream produce", description=__doc__)
-    parser.add_argument("--source", choices=["csv", "synthetic"], default="csv")
-    parser.add_argument("paths", nargs="*", type=Path, help="CSV files (default: the 8 NAB EC2 CPU series)")
+    parser.add_argument("--source", choices=["csv", "synthetic", "log"], default="csv")
+    parser.add_argument("paths", nargs="*", type=Path,
+                        help="CSV files (default: the 8 NAB EC2 CPU series); --source log: raw log files "
+                             "(default: the HDFS_2k sample)")
     parser.add_argument("--rate", type=float, default=None, help="messages per second (default: as fast as possible)")
     parser.add_argument("--topic", default=None, help="override the target topic")
     parser.add_argument("--count", type=int, default=10_000, help="synthetic: number of transactions")
@@ -70,15 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings()
     log = setup_logging(settings, "producer")
-    if args.source == "csv":
+    if args.source == "log":
+        paths = args.paths or [settings.data_dir / "hdfs" / "HDFS_2k.log"]
+        topic, keys, values = args.topic or settings.topic_logs, [], []
+        for path in paths:
+            if not path.exists():
+                parser.error(f"no such file: {path}")
+            k, v = encode_log_lines(path, settings.log_session_key)
+            keys, values = keys + k, values + v
+    elif args.source == "csv":
         paths = args.paths or settings.nab_csvs()
         if not paths:
             parser.error(f"no CSV files given and none found under {settings.data_dir}")
-        frame, topic = replay_frame(paths), args.topic or settings.topic_input
+        topic = args.topic or settings.topic_input
+        keys, values = encode(replay_frame(paths))
     else:
-        frame = transactions(args.count, args.outlier_prob, seed=args.seed)
         topic = args.topic or settings.topic_transactions
-    keys, values = encode(frame)
+        keys, values = encode(transactions(args.count, args.outlier_prob, seed=args.seed))
     try:
         send(settings, topic, keys, values, args.rate, log)
     except Exception as exc:  # delivery failures: report and exit non-zero, never silently

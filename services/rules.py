@@ -15,7 +15,6 @@ had got to), so a firing is never lost; an action can repeat (at-least-once).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ from shared.config import Settings, load_settings
 from shared.kafka import (REBALANCE_COMMIT_ERRORS, DeliveryTracker, dead_letter, ensure_topics, make_consumer,
                           make_producer, produce, usable)
 from shared.log import setup_logging
+from shared.signals import stop_on_signals
 from shared.rule_definitions import Definition, DefinitionFolder, KafkaAction, SlackAction
 from shared.run_history import RunHistory
 from shared.schemas import RuleFiringRecord, decode_object
@@ -222,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in {"rules_dir": args.rules_dir, "environment": args.environment}.items() if v}
     service = RulesService(load_settings(**overrides))
-
-    def on_signal(_sig, _frame):
-        service.stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(service)
     service.run()
     return 0
 

@@ -7,9 +7,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import SERIES_24AE8D, Service, broker_metrics_frame
+from helpers import HDFS_DIR, SERIES_24AE8D, Service, broker_metrics_frame
 
 from models.streaming_kmeans import RealTimeKMeans
+from services.log_train import train_log_model
 from shared.features import VectorBatch, read_series_csv
 from shared.local_broker import LocalBroker, free_port
 
@@ -49,8 +50,9 @@ def kafka_metrics_url(kafka_broker) -> str:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """Both model sets, trained small (1 LSTM epoch) so the suite stays fast, and the Real-Time
-    K-Means on synthetic broker metrics; quality is not what these tests measure."""
+    """Both model sets, trained small (1 LSTM epoch) so the suite stays fast, the Real-Time
+    K-Means on synthetic broker metrics and the next-event log model (10 epochs, ~10 s) on the
+    HDFS sessions; quality is not what these tests measure."""
     from models.model_set import train_model_set
     from shared.synthetic import transactions
 
@@ -61,6 +63,8 @@ def model_dir(tmp_path_factory) -> Path:
     kmeans = RealTimeKMeans().fit(VectorBatch.from_frame(broker_metrics_frame(300)))
     kmeans.version = "kafka_kmeans-test"
     kmeans.save(folder / "kafka_kmeans")
+    train_log_model(HDFS_DIR / "hdfs_100k_sessions.csv", HDFS_DIR / "hdfs_100k_templates.csv", folder / "hdfs_logs",
+                    epochs=10)
     return folder
 
 
@@ -77,6 +81,9 @@ def pipeline_settings(kafka_bootstrap, model_dir, tmp_path) -> dict:
         "topic_anomalies": f"anomalies_{run}",
         "topic_dead_letter": f"dead_letter_{run}",
         "topic_kafka_metrics": f"kafka_metrics_{run}",
+        "topic_logs": f"logs_{run}",
+        "logdetector_group": f"logdetector_{run}",
+        "log_state_dir": str(tmp_path / "log_state"),
         "kmeans_state_dir": str(tmp_path / "kmeans_state"),
         "consumer_group": f"detector_{run}",
         "alerter_group": f"alerter_{run}",

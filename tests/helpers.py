@@ -17,6 +17,7 @@ from shared.features import read_series_csv
 
 NAB_DIR = REPO_ROOT.parent / "shared" / "data" / "nab_ec2" / "data" / "realAWSCloudwatch"
 SERIES_24AE8D = NAB_DIR / "ec2_cpu_utilization_24ae8d.csv"
+HDFS_DIR = REPO_ROOT.parent / "shared" / "data" / "hdfs"
 
 
 def as_settings(overrides: dict) -> Settings:
