@@ -81,7 +81,8 @@ class LogStreamScorer:
                                  terminal_events=frozenset(terminal_events), max_sessions=max_sessions)
         self.tracker = SessionTracker(**self.tracker_args)
         self.applied: dict[int, int] = {}  # partition -> last offset the sessions have absorbed
-        self.watermark = float("-inf")  # the latest event time seen
+        self.latest = float("-inf")  # the latest event time of a line
+        self.idle_s = 0.0  # wall time the input has been quiet since that line
         self.stats = {"lines": 0, "lines_without_session": 0, "windows": 0, "anomalous_sessions": 0}
 
     @property
@@ -122,41 +123,46 @@ class LogStreamScorer:
             content = parsed.content if parsed is not None else line.content
             event, template = self.event_of(content)
             ts = self.event_time(line)
-            self.watermark = max(self.watermark, ts)
+            self.latest, self.idle_s = max(self.latest, ts), 0.0
             self.stats["lines"] += 1
             keys = list(dict.fromkeys(self.key_regex.findall(content)))
             if not keys:
                 self.stats["lines_without_session"] += 1  # parsed (its template is learned), not scored
             for key in keys:
-                pending.extend((w, line, ts, template) for w in self.tracker.add(key, event, ts))
+                pending.extend((w, line, template) for w in self.tracker.add(key, event, ts))
             self.applied[line.partition] = max(self.applied.get(line.partition, -1), line.offset)
         return self._decide(pending)
 
+    @property
+    def watermark(self) -> float:
+        """Event time now: the latest line's, moved on by the wall time the input has been quiet
+        since (so sessions still end when the stream stops; the next line resets it)."""
+        return self.latest + self.idle_s
+
     def idle(self, seconds: float) -> list[LogFinding]:
-        """The input has been quiet for `seconds` of wall time: event time moves on by as much (so
-        sessions still end when the stream stops), closing the sessions that became idle."""
-        if self.watermark == float("-inf") or seconds <= 0:
+        """The input has been quiet for `seconds` more of wall time: close the sessions that became idle."""
+        if self.latest == float("-inf") or seconds <= 0:
             return []
-        self.watermark += seconds
+        self.idle_s += seconds
         return self._decide([])
 
     def _decide(self, pending: list) -> list[LogFinding]:
-        pending.extend((w, None, self.watermark, "") for w in self.tracker.close_idle(self.watermark))
+        pending.extend((w, None, "") for w in self.tracker.close_idle(self.watermark))
         if not pending:
             return []
         self.stats["windows"] += len(pending)
         ranks, probs = self.detector.rank_windows([w.context for w, *_ in pending], [w.target for w, *_ in pending])
         findings, reported = [], set()
-        for (window, line, ts, template), rank, prob in zip(pending, ranks.tolist(), probs.tolist()):
+        for (window, line, template), rank, prob in zip(pending, ranks.tolist(), probs.tolist()):
             if rank <= self.k or window.flagged or window.key in reported:
                 continue
             reported.add(window.key)
             self.tracker.flag(window.key)
-            findings.append(self._finding(window, line, ts, template, rank, prob))
+            findings.append(self._finding(window, line, template, rank, prob))
         self.stats["anomalous_sessions"] += len(findings)
         return findings
 
-    def _finding(self, window, line, ts, template, rank, prob) -> LogFinding:
+    def _finding(self, window, line, template, rank, prob) -> LogFinding:
         if window.target == END:
             reason = f"the session ended where the model did not expect an end (rank {rank:g} > k={self.k})"
         elif rank >= UNKNOWN_RANK and window.target not in self.detector.vocab.index:
@@ -166,24 +172,25 @@ class LogStreamScorer:
         else:
             reason = f"not among the top {self.k} predicted next events (rank {rank:g})"
         context = [e for e in window.context if e != PAD]
-        return LogFinding(key=window.key, timestamp=ts, event=window.target, template=template, reason=reason,
+        return LogFinding(key=window.key, timestamp=window.ts, event=window.target, template=template, reason=reason,
                           rank=rank, probability=prob, window=context,
-                          session_events=len(context) + (window.target != END),
+                          session_events=window.events + (window.target != END),
                           line=line.content[:1000] if line else "", partition=line.partition if line else None,
                           offset=line.offset if line else None)
 
     # -- checkpoint ----------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Sessions, watermark and absorbed offsets, written atomically (old file or new, never half)."""
+        """Sessions, event time and absorbed offsets, written atomically (old file or new, never half)."""
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": self.version, "offsets": self.applied, "watermark": self.watermark,
-                                   "sessions": self.tracker.to_dict()}))
+        tmp.write_text(json.dumps({"version": self.version, "offsets": self.applied, "latest": self.latest,
+                                   "idle_s": self.idle_s, "sessions": self.tracker.to_dict()}))
         os.replace(tmp, self.checkpoint_path)
 
     def restore(self) -> str:
         """Continue from the checkpoint of this model version, else start empty; says which."""
-        self.tracker, self.applied, self.watermark = SessionTracker(**self.tracker_args), {}, float("-inf")
+        self.tracker, self.applied = SessionTracker(**self.tracker_args), {}
+        self.latest, self.idle_s = float("-inf"), 0.0
         if not self.checkpoint_path.exists():
             return "empty"
         try:
@@ -192,8 +199,10 @@ class LogStreamScorer:
             raise ArtifactError(f"checkpoint {self.checkpoint_path} is not valid JSON: {exc}") from None
         if saved.get("version") != self.version:
             return "empty (checkpoint of another model version ignored)"
+        if "latest" not in saved:
+            return "empty (checkpoint in an older format ignored)"
         self.tracker.restore(saved["sessions"])
         self.applied = {int(p): int(o) for p, o in saved["offsets"].items()}
-        self.watermark = float(saved["watermark"])
+        self.latest, self.idle_s = float(saved["latest"]), float(saved["idle_s"])
         return "checkpoint"
 

@@ -91,6 +91,8 @@ class Window:
     context: tuple[str, ...]
     target: str
     flagged: bool = False  # the session was already found anomalous (see SessionTracker.flag)
+    events: int = 0  # events of the session before the target
+    ts: float = 0.0  # event time of the target (of the session's last event, for an END target)
 
 
 @dataclass
@@ -107,7 +109,9 @@ class SessionTracker:
 
     add(key, event, ts) returns the window whose target is this event (sessions are left-padded, so
     every event is a target), plus the closing window (target END) when the event is terminal.
-    close_idle(now) closes the sessions silent for more than timeout_s and returns their END windows.
+    close_idle(now) closes the sessions silent for more than timeout_s and returns their END windows;
+    an event for a session silent for more than timeout_s before it also closes that session first
+    and starts a new one, so where a stream is cut into batches does not matter.
     At most max_sessions are kept: a new key beyond that drops the least recently active session
     without an END window (it did not end, it was forgotten; counted in `evicted`).
     """
@@ -130,6 +134,11 @@ class SessionTracker:
 
     def add(self, key: str, event: str, ts: float) -> list[Window]:
         session = self._sessions.get(key)
+        out: list[Window] = []
+        if session is not None and ts - session.last_ts > self.timeout_s:
+            # Idle past the timeout before this event: that session ended, this one is new (checked
+            # here, not only by close_idle at a batch's end, so batch boundaries change nothing).
+            out, session = self.close(key), None
         if session is None:
             while len(self._sessions) >= self.max_sessions:
                 self._sessions.popitem(last=False)
@@ -137,7 +146,7 @@ class SessionTracker:
             session = self._sessions[key] = _Session(deque([self.pad] * self.h, maxlen=self.h), ts)
         else:
             self._sessions.move_to_end(key)
-        out = [Window(key, tuple(session.recent), event, session.flagged)]
+        out.append(Window(key, tuple(session.recent), event, session.flagged, session.events, ts))
         session.recent.append(event)
         session.events += 1
         session.last_ts = max(session.last_ts, ts)
@@ -155,7 +164,8 @@ class SessionTracker:
         if session is None:
             return []
         self.closed += 1
-        return [Window(key, tuple(session.recent), self.end, session.flagged)] if self.end is not None else []
+        return ([Window(key, tuple(session.recent), self.end, session.flagged, session.events, session.last_ts)]
+                if self.end is not None else [])
 
     def close_idle(self, now: float) -> list[Window]:
         """Close every session whose last event is more than timeout_s before `now`."""

@@ -115,7 +115,7 @@ class LogSessionRecord(BaseModel):
 
     kind: Literal["log"] = "log"
     series: str  # the session key (HDFS: the block id)
-    timestamp: datetime  # event time of the offending line (of the last line, for a session that ended early)
+    timestamp: datetime  # event time of the offending line (of the session's last line, for a session end)
     event: str  # the offending event id; "<END>" when the session ended where it was not expected to
     template: str  # its template text
     reason: str
@@ -181,7 +181,7 @@ def _epoch(ts: datetime) -> float:
 
 def _describe(exc: ValidationError) -> str:
     return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors()
+        f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors()
     )
 
 

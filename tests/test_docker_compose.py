@@ -17,7 +17,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker" / "docker-compose.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
-SERVICES = {"kafka", "trainer", "detector", "rules", "alerter", "scraper", "producer"}
+SERVICES = {"kafka", "trainer", "detector", "logdetector", "rules", "alerter", "scraper", "producer", "log-producer"}
 
 INSTALL_HINT = (
     "no Docker Compose implementation found: neither `docker compose version` nor `docker-compose` "

@@ -36,14 +36,16 @@ def test_a_line_naming_several_blocks_belongs_to_each():
 
 def test_tracker_gives_the_window_of_every_event_and_closes_idle_sessions():
     tracker = SessionTracker(h=3, timeout_s=10)
-    assert tracker.add("b1", "A", ts=0) == [Window("b1", (PAD, PAD, PAD), "A")]
+    assert tracker.add("b1", "A", ts=0) == [Window("b1", (PAD, PAD, PAD), "A", events=0, ts=0)]
     tracker.add("b1", "B", ts=1)
     tracker.add("b2", "A", ts=5)
-    assert tracker.add("b1", "C", ts=2) == [Window("b1", (PAD, "A", "B"), "C")]
-    assert tracker.add("b1", "D", ts=3) == [Window("b1", ("A", "B", "C"), "D")]  # only the last h kept
-    assert tracker.close_idle(now=14) == [Window("b1", ("B", "C", "D"), END)]  # b1 silent 11 s, b2 9 s
+    assert tracker.add("b1", "C", ts=2) == [Window("b1", (PAD, "A", "B"), "C", events=2, ts=2)]
+    # Only the last h events kept; `events` still counts the whole session.
+    assert tracker.add("b1", "D", ts=3) == [Window("b1", ("A", "B", "C"), "D", events=3, ts=3)]
+    # b1 silent 11 s, b2 9 s; an END window carries the session's last event time, not `now`.
+    assert tracker.close_idle(now=14) == [Window("b1", ("B", "C", "D"), END, events=4, ts=3)]
     assert "b1" not in tracker and "b2" in tracker and tracker.closed == 1
-    assert tracker.close_idle(now=16) == [Window("b2", (PAD, PAD, "A"), END)]
+    assert tracker.close_idle(now=16) == [Window("b2", (PAD, PAD, "A"), END, events=1, ts=5)]
     assert len(tracker) == 0
     # A key seen again after closing starts a fresh session.
     assert tracker.add("b1", "E", ts=20)[0].context == (PAD, PAD, PAD)
@@ -52,7 +54,8 @@ def test_tracker_gives_the_window_of_every_event_and_closes_idle_sessions():
 def test_tracker_terminal_event_ends_the_session():
     tracker = SessionTracker(h=2, terminal_events=frozenset({"DEL"}))
     tracker.add("b", "A", 0)
-    assert tracker.add("b", "DEL", 1) == [Window("b", (PAD, "A"), "DEL"), Window("b", ("A", "DEL"), END)]
+    assert tracker.add("b", "DEL", 1) == [Window("b", (PAD, "A"), "DEL", events=1, ts=1),
+                                          Window("b", ("A", "DEL"), END, events=2, ts=1)]
     assert "b" not in tracker
     assert SessionTracker(h=2, end=None, terminal_events=frozenset({"X"})).add("c", "X", 0) == [
         Window("c", (PAD, PAD), "X")]
@@ -66,7 +69,28 @@ def test_tracker_memory_is_bounded():
     tracker.add("c", "A", 3)  # evicts b, without an END window
     assert "b" not in tracker and "a" in tracker and "c" in tracker
     assert len(tracker) == 2 and tracker.evicted == 1
-    assert tracker.close_idle(now=1e9) == [Window("a", ("A", "B"), END), Window("c", (PAD, "A"), END)]
+    assert tracker.close_idle(now=1e9) == [Window("a", ("A", "B"), END, events=2, ts=2),
+                                           Window("c", (PAD, "A"), END, events=1, ts=3)]
+
+
+def test_tracker_windows_count_every_event_and_keep_event_times():
+    """`events` counts the session's events before the target however many the window drops (h=2
+    here); `ts` is the target's event time, and for END the session's latest event time (the
+    maximum, also when lines arrive out of order), never the time the session is closed at."""
+    tracker = SessionTracker(h=2, timeout_s=10)
+    out = [w for i, ts in enumerate([100, 101, 103, 102, 104, 105]) for w in tracker.add("s", f"E{i}", ts)]
+    assert [w.events for w in out] == [0, 1, 2, 3, 4, 5]
+    assert [w.ts for w in out] == [100, 101, 103, 102, 104, 105]
+    assert out[-1].context == ("E3", "E4")
+    [end] = tracker.close_idle(now=1000)
+    assert (end.target, end.events, end.ts, end.context) == (END, 6, 105, ("E4", "E5"))
+    # The same after a checkpoint round trip.
+    tracker.add("t", "A", 7)
+    tracker.add("t", "B", 9)
+    restored = SessionTracker(h=2, timeout_s=10)
+    restored.restore(tracker.to_dict())
+    assert restored.add("t", "C", 8) == [Window("t", ("A", "B"), "C", events=2, ts=8)]
+    assert restored.close("t") == [Window("t", ("B", "C"), END, events=3, ts=9)]
 
 
 def test_tracker_add_line_feeds_every_block_of_the_line():
@@ -84,3 +108,21 @@ def test_read_sessions_csv(tmp_path):
     path.write_text("BlockId,Label,EventSequence\nblk_1,Weird,T01\n")
     with pytest.raises(ValueError, match="Label"):
         read_sessions_csv(path)
+
+
+def test_an_event_after_the_timeout_ends_the_old_session_whatever_the_batches():
+    """A at 0 s, B at 400 s, A again at 401 s (timeout 300 s): A's first session ended, whether or
+    not close_idle ran between the events (it runs once per consumed batch)."""
+    def run(close_between: bool):
+        tracker = SessionTracker(h=2, timeout_s=300)
+        out = []
+        for key, event, ts in (("A", "x", 0.0), ("B", "y", 400.0), ("A", "z", 401.0)):
+            out += tracker.add(key, event, ts)
+            if close_between:
+                out += tracker.close_idle(ts)
+        return [(w.key, w.context, w.target) for w in out], tracker.closed
+
+    windows, closed = run(False)
+    assert (windows, closed) == run(True)
+    assert closed == 1
+    assert windows == [("A", (PAD, PAD), "x"), ("B", (PAD, PAD), "y"), ("A", (PAD, "x"), END), ("A", (PAD, PAD), "z")]
