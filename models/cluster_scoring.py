@@ -8,14 +8,12 @@ checkpoint's offset already moved the state and already has its outputs: it is s
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from models.base import ArtifactError
+from models.base import read_checkpoint, write_checkpoint
 from models.streaming_kmeans import RealTimeKMeans
 from shared.features import VectorBatch
 
@@ -47,12 +45,9 @@ class ClusterScorer:
         model. Returns where the state came from."""
         trained = RealTimeKMeans.load(self.trained_folder)
         self.detector, self.applied = trained.for_stream(), {}
-        if not self.checkpoint_path.exists():
+        saved = read_checkpoint(self.checkpoint_path)
+        if saved is None:
             return "trained"
-        try:
-            saved = json.loads(self.checkpoint_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"checkpoint {self.checkpoint_path} is not valid JSON: {exc}") from None
         if saved.get("model", {}).get("version") != trained.version:
             return "trained (checkpoint of another model version ignored)"
         self.detector = RealTimeKMeans.from_dict(saved["model"], str(self.checkpoint_path))
@@ -71,7 +66,4 @@ class ClusterScorer:
     def checkpoint(self, offsets: dict[int, int]) -> None:
         """Write state and absorbed offsets atomically (a crash leaves the old file or the new)."""
         self.applied.update(offsets)
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": self.detector.to_dict(), "offsets": self.applied}))
-        os.replace(tmp, self.checkpoint_path)
+        write_checkpoint(self.checkpoint_path, {"model": self.detector.to_dict(), "offsets": self.applied})

@@ -16,14 +16,12 @@ template, so event ids stay the same across restarts.
 from __future__ import annotations
 
 import calendar
-import json
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.base import ArtifactError, read_json
+from models.base import ArtifactError, read_checkpoint, read_json, write_checkpoint
 from models.log_next_event import UNKNOWN_RANK, NextEventDetector
 from shared.log_sessions import END, PAD, SessionTracker
 from shared.log_templates import LogTemplateMiner, TemplateAlignment, parse_hdfs_line
@@ -181,22 +179,16 @@ class LogStreamScorer:
     # -- checkpoint ----------------------------------------------------------------------------
     def checkpoint(self) -> None:
         """Sessions, event time and absorbed offsets, written atomically (old file or new, never half)."""
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": self.version, "offsets": self.applied, "latest": self.latest,
-                                   "idle_s": self.idle_s, "sessions": self.tracker.to_dict()}))
-        os.replace(tmp, self.checkpoint_path)
+        write_checkpoint(self.checkpoint_path, {"version": self.version, "offsets": self.applied, "latest": self.latest,
+                                                "idle_s": self.idle_s, "sessions": self.tracker.to_dict()})
 
     def restore(self) -> str:
         """Continue from the checkpoint of this model version, else start empty; says which."""
         self.tracker, self.applied = SessionTracker(**self.tracker_args), {}
         self.latest, self.idle_s = float("-inf"), 0.0
-        if not self.checkpoint_path.exists():
+        saved = read_checkpoint(self.checkpoint_path)
+        if saved is None:
             return "empty"
-        try:
-            saved = json.loads(self.checkpoint_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"checkpoint {self.checkpoint_path} is not valid JSON: {exc}") from None
         if saved.get("version") != self.version:
             return "empty (checkpoint of another model version ignored)"
         if "latest" not in saved:
