@@ -24,6 +24,7 @@ from pathlib import Path
 from models.base import ArtifactError, read_checkpoint, read_json, write_checkpoint
 from models.log_next_event import UNKNOWN_RANK, NextEventDetector
 from shared.log_sessions import END, PAD, SessionTracker
+from shared.log_templates import LogLine as HdfsLine
 from shared.log_templates import LogTemplateMiner, TemplateAlignment, parse_hdfs_line
 
 MANIFEST = "manifest.json"
@@ -70,8 +71,8 @@ class LogStreamScorer:
         self.detector = NextEventDetector.load(folder)
         reference = folder / REFERENCE_TEMPLATES
         # A model trained on another parser's event ids scores our templates through the alignment.
-        self.alignment = TemplateAlignment(read_json(reference)) if reference.exists() else None
         self.templates = read_json(reference) if reference.exists() else {}
+        self.alignment = TemplateAlignment(self.templates) if self.templates else None
         self.state_dir = Path(state_dir) / name
         self.miner = LogTemplateMiner(self.state_dir / "drain3_state.bin")
         self.key_regex = re.compile(session_key)
@@ -101,10 +102,11 @@ class LogStreamScorer:
                 return reference, self.templates[reference]
         return eid, template
 
-    def event_time(self, line: LogLine) -> float:
+    @staticmethod
+    def event_time(line: LogLine, parsed: HdfsLine | None) -> float:
+        """The message's own time, else the line's HDFS header, else the Kafka timestamp."""
         if line.timestamp is not None:
             return line.timestamp
-        parsed = parse_hdfs_line(line.content)
         if parsed is not None:
             return calendar.timegm(time.strptime(parsed.date + parsed.time, "%y%m%d%H%M%S"))  # naive = UTC
         return line.kafka_timestamp_s
@@ -120,7 +122,7 @@ class LogStreamScorer:
             parsed = parse_hdfs_line(line.content)
             content = parsed.content if parsed is not None else line.content
             event, template = self.event_of(content)
-            ts = self.event_time(line)
+            ts = self.event_time(line, parsed)
             self.latest, self.idle_s = max(self.latest, ts), 0.0
             self.stats["lines"] += 1
             keys = list(dict.fromkeys(self.key_regex.findall(content)))

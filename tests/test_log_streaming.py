@@ -415,10 +415,11 @@ def test_lines_without_a_session_key_are_counted_not_windowed(model_root, tmp_pa
 
 def test_event_time_from_the_message_the_header_or_kafka(model_root, tmp_path):
     scorer = make_scorer(model_root, tmp_path)
-    assert scorer.event_time(LogLine(LINE, 5.0, 9.0, 0, 0)) == 5.0
-    assert scorer.event_time(LogLine(LINE, None, 9.0, 0, 0)) == datetime(2008, 11, 9, 20, 36, 15,
-                                                                          tzinfo=UTC).timestamp()
-    assert scorer.event_time(LogLine("free text blk_1", None, 9.0, 0, 0)) == 9.0
+    header = parse_hdfs_line(LINE)
+    assert scorer.event_time(LogLine(LINE, 5.0, 9.0, 0, 0), header) == 5.0
+    assert scorer.event_time(LogLine(LINE, None, 9.0, 0, 0), header) == datetime(2008, 11, 9, 20, 36, 15,
+                                                                                  tzinfo=UTC).timestamp()
+    assert scorer.event_time(LogLine("free text blk_1", None, 9.0, 0, 0), parse_hdfs_line("free text blk_1")) == 9.0
 
 
 def line_at(event: str, block: str, second: int) -> str:
