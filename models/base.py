@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.features import FeatureBatch
+from models.metrics.features import FeatureBatch
 
 
 class ArtifactError(RuntimeError):

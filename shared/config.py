@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     model_kafka_metrics: str = "kafka_kmeans"
     kmeans_state_dir: Path = REPO_ROOT / ".cache" / "kmeans"
     # The recorded broker-metrics scenario it is trained on (its first 40% is the history).
-    kmeans_training_data: Path = REPO_ROOT / "tests" / "data" / "kafka_load.csv"
+    kmeans_training_data: Path = REPO_ROOT / "models" / "kmeans" / "data" / "kafka_load.csv"
     combine: Literal["or", "and", "majority"] = "or"
     # Outputs whose flags decide (JSON list, e.g. '["isolation_forest","lstm_autoencoder"]' for the
     # seed's IF-or-LSTM); default: the model set's own decision, chosen by NAB score.
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     environment: str = "prod"  # a definition runs where its `environment` list names this
     rules_allowed_lateness_s: float = Field(60.0, ge=0)  # a definition's allowed_lateness overrides it
     rules_idle_partition_s: float = Field(10.0, gt=0)  # a partition silent this long stops holding the watermark
-    # Run history of every check (shared.run_history): SQLite file, or postgresql+psycopg://...
+    # Run history of every check (models.rules.run_history): SQLite file, or postgresql+psycopg://...
     rules_db_url: str = f"sqlite:///{REPO_ROOT / '.cache' / 'rules' / 'history.db'}"
 
     # --- Broker metrics scraper (Prometheus JMX exporter endpoint of a broker)

@@ -8,7 +8,16 @@ from typing import Annotated, Literal, Union
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+)
 
 StrictFloat = Annotated[float, Strict()]  # a JSON number; "1.5" (a string) or true are refused
 
@@ -300,3 +309,14 @@ AnomalyRecord = Annotated[
 ]
 anomaly_record_adapter: TypeAdapter[ScoreRecord | RuleFiringRecord | ClusterScoreRecord | LogSessionRecord] = \
     TypeAdapter(AnomalyRecord)
+
+
+def encode_metric_frame(frame) -> tuple[list[bytes], list[bytes]]:
+    """(keys, values) of MetricRecord messages for a frame of series, epoch_s, value."""
+    stamps = iso_utc(frame["epoch_s"].to_numpy())
+    keys = [s.encode() for s in frame["series"]]
+    values = [
+        orjson.dumps({"series": s, "timestamp": t, "value": v})
+        for s, t, v in zip(frame["series"].tolist(), stamps, frame["value"].tolist())
+    ]
+    return keys, values

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from helpers import HDFS_DIR, SERIES_24AE8D, Service, broker_metrics_frame
 
-from models.streaming_kmeans import RealTimeKMeans
-from services.log_train import train_log_model
-from shared.features import VectorBatch, read_series_csv
+from models.kmeans.streaming_kmeans import RealTimeKMeans
+from models.metrics.features import VectorBatch, read_series_csv
+from services.jobs.logs_train import train_log_model
 from shared.local_broker import LocalBroker, free_port
 
 
@@ -53,8 +53,8 @@ def model_dir(tmp_path_factory) -> Path:
     """Both model sets, trained small (1 LSTM epoch) so the suite stays fast, the Real-Time
     K-Means on synthetic broker metrics and the next-event log model (10 epochs, ~10 s) on the
     HDFS sessions; quality is not what these tests measure."""
-    from models.model_set import train_model_set
-    from shared.synthetic import transactions
+    from models.metrics.model_set import train_model_set
+    from models.metrics.synthetic import transactions
 
     folder = tmp_path_factory.mktemp("models")
     train_model_set("ec2_cpu", read_series_csv(SERIES_24AE8D), folder, epochs=1, progress=False)

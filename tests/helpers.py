@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from models.metrics.features import read_series_csv
 from shared.config import REPO_ROOT, Settings, load_settings
-from shared.features import read_series_csv
 
 NAB_DIR = REPO_ROOT.parent / "shared" / "data" / "nab_ec2" / "data" / "realAWSCloudwatch"
 SERIES_24AE8D = NAB_DIR / "ec2_cpu_utilization_24ae8d.csv"

@@ -1,0 +1,139 @@
+"""A model set: the scaler plus the trained detectors for one kind of stream, with a manifest.
+
+Layout: <model_dir>/<name>/manifest.json, scaler in the manifest, one sub-folder per detector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.base import ArtifactError, Detector, read_json, write_json
+from models.metrics.features import (
+    FEATURES,
+    SEQ_LEN,
+    Scaler,
+    SeriesWindows,
+    build_batch,
+    raw_features,
+)
+from models.metrics.isolation_forest import IsolationForestDetector
+from models.metrics.lstm_autoencoder import LSTMAutoencoderDetector
+from models.metrics.robust_zscore import RobustZScoreDetector
+
+DETECTORS: dict[str, type[Detector]] = {
+    IsolationForestDetector.name: IsolationForestDetector,
+    LSTMAutoencoderDetector.name: LSTMAutoencoderDetector,
+    RobustZScoreDetector.name: RobustZScoreDetector,
+}
+# Raw scores that also go through the anomaly-likelihood stage ("value" = the metric itself);
+# each gives an output named "<source>_likelihood". Deployed sets run the two that score well
+# (see README, "Detection quality"); `evaluate` runs them all.
+LIKELIHOOD_SOURCES = ["value", "robust_zscore"]
+ALL_LIKELIHOOD_SOURCES = ["value", "robust_zscore", "isolation_forest", "lstm_autoencoder"]
+# The outputs whose flags make the decision (combined with the configured rule); chosen by NAB
+# score with `anomstream evaluate` (see README, "Detection quality").
+DEFAULT_DECISION = ["value_likelihood"]
+SEED_DECISION = ["isolation_forest", "lstm_autoencoder"]
+MANIFEST_FORMAT = 2
+
+
+@dataclass
+class ModelSet:
+    name: str
+    version: str
+    scaler: Scaler
+    detectors: dict[str, Detector]
+    likelihood_sources: list[str]
+    decision: list[str]
+
+    def outputs(self) -> list[str]:
+        """Every score the set produces: each detector, then each likelihood stage."""
+        return [*self.detectors, *(f"{src}_likelihood" for src in self.likelihood_sources)]
+
+    @staticmethod
+    def folder(model_dir: Path, name: str) -> Path:
+        return Path(model_dir) / name
+
+    @classmethod
+    def read_manifest(cls, model_dir: Path, name: str) -> dict:
+        """Checks the manifest (no TensorFlow import): fail fast before starting workers."""
+        path = cls.folder(model_dir, name) / "manifest.json"
+        manifest = read_json(path)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ArtifactError(f"{path}: manifest format {manifest.get('format')} != {MANIFEST_FORMAT}")
+        if tuple(manifest.get("features", ())) != FEATURES or manifest.get("seq_len") != SEQ_LEN:
+            raise ArtifactError(
+                f"{path}: trained on features {manifest.get('features')} / seq_len {manifest.get('seq_len')},"
+                f" this code uses {list(FEATURES)} / {SEQ_LEN}; retrain with `anomstream train`")
+        unknown = set(manifest.get("detectors", {})) - set(DETECTORS)
+        unknown |= set(manifest.get("likelihood_sources", [])) - set(DETECTORS) - {"value"}
+        if unknown:
+            raise ArtifactError(f"{path}: unknown detector(s) {sorted(unknown)}")
+        return manifest
+
+    @classmethod
+    def load(cls, model_dir: Path, name: str) -> "ModelSet":
+        manifest = cls.read_manifest(model_dir, name)
+        folder = cls.folder(model_dir, name)
+        detectors = {d: DETECTORS[d].load(folder / d) for d in manifest["detectors"]}
+        return cls(name, manifest["version"], Scaler.from_dict(manifest["scaler"]), detectors,
+                   manifest["likelihood_sources"], manifest["decision"])
+
+    def save(self, model_dir: Path, data_hash: str, rows: int) -> Path:
+        folder = self.folder(model_dir, self.name)
+        for det_name, det in self.detectors.items():
+            det.save(folder / det_name)
+        write_json(folder / "manifest.json", {
+            "format": MANIFEST_FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "features": list(FEATURES),
+            "seq_len": SEQ_LEN,
+            "scaler": self.scaler.to_dict(),
+            "detectors": {d: {"threshold": det.threshold} for d, det in self.detectors.items()},
+            "likelihood_sources": self.likelihood_sources,
+            "decision": self.decision,
+            "training_data": {"sha256": data_hash, "rows": rows},
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        return folder
+
+
+def data_hash(frame: pd.DataFrame) -> str:
+    """SHA-256 of the training rows, independent of the order they were given in."""
+    frame = frame.sort_values(["series", "epoch_s"], kind="stable")
+    h = hashlib.sha256()
+    h.update("\n".join(map(str, frame["series"])).encode())
+    h.update(np.ascontiguousarray(frame["epoch_s"].to_numpy(np.float64)).tobytes())
+    h.update(np.ascontiguousarray(frame["value"].to_numpy(np.float64)).tobytes())
+    return h.hexdigest()
+
+
+def fit_model_set(name: str, frame: pd.DataFrame, epochs: int = 50, progress: bool = True,
+                  decision: list[str] | None = None, likelihood_sources: list[str] | None = None) -> ModelSet:
+    """Fit every detector on `frame` (columns series, epoch_s, value; each series in time order)."""
+    frame = frame.sort_values(["series", "epoch_s"], kind="stable")
+    scaler = Scaler().fit(raw_features(frame["epoch_s"].to_numpy(), frame["value"].to_numpy()))
+    history = build_batch(scaler, SeriesWindows(), frame["series"].to_numpy(), frame["epoch_s"].to_numpy(),
+                          frame["value"].to_numpy())
+    detectors: dict[str, Detector] = {
+        "isolation_forest": IsolationForestDetector().fit(history),
+        "lstm_autoencoder": LSTMAutoencoderDetector(epochs=epochs, progress=progress).fit(history),
+        "robust_zscore": RobustZScoreDetector().fit(history),
+    }
+    version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{data_hash(frame)[:8]}"
+    return ModelSet(name, version, scaler, detectors, list(likelihood_sources or LIKELIHOOD_SOURCES),
+                    list(decision or DEFAULT_DECISION))
+
+
+def train_model_set(name: str, frame: pd.DataFrame, model_dir: Path, epochs: int = 50,
+                    progress: bool = True, decision: list[str] | None = None) -> ModelSet:
+    model_set = fit_model_set(name, frame, epochs, progress, decision)
+    model_set.save(model_dir, data_hash(frame), len(frame))
+    return model_set

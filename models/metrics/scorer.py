@@ -1,0 +1,62 @@
+"""The one scoring path: columns of a batch -> features -> every detector -> combined decision.
+
+The detector service calls it on each consumed batch and `anomstream evaluate` on whole series;
+both get the same numbers for the same points in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.metrics.features import SeriesWindows, build_batch
+from models.metrics.likelihood import AnomalyLikelihood
+from models.metrics.model_set import ModelSet
+
+
+@dataclass
+class ScoreResult:
+    scores: dict[str, np.ndarray]  # detector name -> raw score (higher = more anomalous)
+    flags: dict[str, np.ndarray]  # detector name -> bool
+    is_anomaly: np.ndarray
+
+
+def combine(flags: dict[str, np.ndarray], rule: str) -> np.ndarray:
+    stacked = np.vstack(list(flags.values()))
+    if rule == "or":
+        return stacked.any(axis=0)
+    if rule == "and":
+        return stacked.all(axis=0)
+    if rule == "majority":
+        return stacked.sum(axis=0) * 2 > len(stacked)
+    raise ValueError(f"unknown combine rule {rule!r} (or, and, majority)")
+
+
+class Scorer:
+    """Keeps the per-series windows and streaming state between calls, so it must see each series
+    in time order. `decision` (default: the model set's) names the outputs that decide."""
+
+    def __init__(self, model_set: ModelSet, rule: str = "or", decision: list[str] | None = None):
+        combine({"x": np.zeros(1, bool)}, rule)  # reject a bad rule at start, not on the first batch
+        self.model_set = model_set
+        self.rule = rule
+        self.decision = list(decision or model_set.decision)
+        unknown = set(self.decision) - set(model_set.outputs())
+        if unknown:
+            raise ValueError(f"decision names unknown output(s) {sorted(unknown)}; "
+                             f"model set {model_set.name} has {model_set.outputs()}")
+        self.windows = SeriesWindows()
+        self.detectors = {name: det.for_stream() for name, det in model_set.detectors.items()}
+        self.likelihood = {src: AnomalyLikelihood() for src in model_set.likelihood_sources}
+
+    def score(self, series, epoch_s, values) -> ScoreResult:
+        batch = build_batch(self.model_set.scaler, self.windows, series, epoch_s, values)
+        scores = {name: det.score(batch) for name, det in self.detectors.items()}
+        flags = {name: self.detectors[name].decide(s) for name, s in scores.items()}
+        for src, stage in self.likelihood.items():
+            name = f"{src}_likelihood"
+            scores[name] = stage.update(batch.series, batch.values if src == "value" else scores[src],
+                                        batch.timestamps)
+            flags[name] = scores[name] >= stage.threshold
+        return ScoreResult(scores, flags, combine({n: flags[n] for n in self.decision}, self.rule))

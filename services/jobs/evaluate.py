@@ -1,0 +1,185 @@
+"""evaluate: score labelled NAB-layout series with every detector and write metrics.json, one
+per-point CSV and one PNG per series.
+
+No leakage: for each series a model set is fitted on its probationary period only (the first 15%,
+which NAB does not score), and the whole series then goes through the same Scorer as the detector
+service, in time order; streaming detectors and the likelihood stage learn only from points
+before the one they score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from models.evaluation.metrics import point_metrics
+from models.evaluation.nab import (
+    PROFILES,
+    load_windows,
+    nab_score_fixed,
+    nab_scores_all_profiles,
+    probation_length,
+    window_indices,
+    window_metrics,
+)
+from models.metrics.features import read_series_csv
+from models.metrics.model_set import SEED_DECISION
+from shared.app_logging import setup_logging
+from shared.config import load_settings
+
+# Ensembles reported beside the single outputs: (outputs, rule).
+ENSEMBLES = {
+    "combined": (SEED_DECISION, "or"),  # the seed's IF-or-LSTM
+    "likelihood_or": (["value_likelihood", "robust_zscore_likelihood"], "or"),
+    "likelihood_majority": (["value_likelihood", "robust_zscore_likelihood", "isolation_forest_likelihood",
+                             "lstm_autoencoder_likelihood"], "majority"),
+}
+
+
+def score_series(frame: pd.DataFrame, epochs: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], object]:
+    """(scores, flags) for every output and ensemble of a model set fitted on the probation rows."""
+    from models.metrics.model_set import (
+        ALL_LIKELIHOOD_SOURCES,
+        DEFAULT_DECISION,
+        fit_model_set,
+    )
+    from models.metrics.scorer import Scorer, combine
+
+    probation = probation_length(len(frame))
+    model_set = fit_model_set(frame["series"].iloc[0], frame.iloc[:probation], epochs, progress=False,
+                              likelihood_sources=ALL_LIKELIHOOD_SOURCES)
+    result = Scorer(model_set).score(frame["series"].to_numpy(), frame["epoch_s"].to_numpy(),
+                                     frame["value"].to_numpy())
+    scores, flags = dict(result.scores), dict(result.flags)
+    for name, (members, rule) in ENSEMBLES.items():
+        flags[name] = combine({m: flags[m] for m in members}, rule)
+    flags["default"] = combine({m: flags[m] for m in DEFAULT_DECISION}, "or")
+    return scores, flags, model_set
+
+
+def plot_series(path: Path, key: str, frame: pd.DataFrame, windows, probation: int, flags: dict[str, np.ndarray],
+                shown: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = frame["timestamp"].dt.tz_localize(None)
+    fig, (ax, rug) = plt.subplots(2, 1, figsize=(14, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+    ax.plot(ts, frame["value"], lw=0.8, color="#1f4e79")
+    ax.axvspan(ts.iloc[0], ts.iloc[probation - 1], color="#bbbbbb", alpha=0.35, label="probation (training)")
+    for i, (lo, hi) in enumerate(windows):
+        ax.axvspan(ts.iloc[lo], ts.iloc[hi], color="#e8a33d", alpha=0.3, label="labelled window" if i == 0 else None)
+    alarms = flags["default"]
+    ax.scatter(ts[alarms], frame["value"][alarms], color="#c0392b", s=30, zorder=3, label="alarm (default)")
+    ax.set_title(key)
+    ax.set_ylabel("value")
+    ax.legend(loc="upper left", fontsize=8)
+    for row, name in enumerate(shown):
+        hits = ts[flags[name]]
+        rug.scatter(hits, np.full(len(hits), row), marker="|", s=120, color="#c0392b" if name == "default" else "#444")
+    for lo, hi in windows:
+        rug.axvspan(ts.iloc[lo], ts.iloc[hi], color="#e8a33d", alpha=0.3)
+    rug.set_yticks(range(len(shown)), shown, fontsize=8)
+    rug.set_ylim(-0.7, len(shown) - 0.3)
+    rug.set_title("alarms per detector", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings()
+    default_data = settings.data_dir / "nab_ec2"
+    parser = argparse.ArgumentParser(prog="anomstream evaluate", description=__doc__)
+    parser.add_argument("--data-dir", type=Path, default=default_data / "data", help="NAB layout: CATEGORY/FILE.csv")
+    parser.add_argument("--windows", type=Path, default=default_data / "labels" / "combined_windows.json")
+    parser.add_argument("--labels", type=Path, default=default_data / "labels" / "combined_labels.json")
+    parser.add_argument("--out", type=Path, default=Path("evaluation_results"))
+    parser.add_argument("--epochs", type=int, default=50, help="LSTM epochs (on each probation period)")
+    args = parser.parse_args(argv)
+    log = setup_logging(settings, "evaluate")
+
+    windows = load_windows(args.windows)
+    labels = json.loads(args.labels.read_text()) if args.labels.exists() else {}
+    keys = [k for k in windows if (args.data_dir / k).exists()]
+    if not keys:
+        parser.error(f"no series of {args.windows} found under {args.data_dir}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    pooled: dict[str, dict] = {}  # output -> {"alarms": [...], "truth": [...], "nab_flags": {...}, "nab_scores": {...}}
+    for key in tqdm(keys, desc="evaluate", unit="series"):
+        frame = read_series_csv(args.data_dir / key)
+        probation = probation_length(len(frame))
+        widx = window_indices(frame["timestamp"], windows[key])
+        truth = np.zeros(len(frame), bool)
+        for lo, hi in widx:
+            truth[lo:hi + 1] = True
+        scores, flags, model_set = score_series(frame, args.epochs)
+        scored = np.arange(len(frame)) >= probation
+        for name, alarms in flags.items():
+            entry = pooled.setdefault(name, {"alarms": [], "truth": [], "window": [], "flags": {}, "scores": {}})
+            entry["alarms"].append(alarms[scored])
+            entry["truth"].append(truth[scored])
+            entry["window"].append(window_metrics(alarms, widx, probation))
+            entry["flags"][key] = (alarms, widx)
+            if name.endswith("_likelihood"):  # in [0, 1]: NAB's threshold sweep applies
+                entry["scores"][key] = (scores[name], widx)
+        out = pd.DataFrame({
+            "timestamp": frame["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"), "value": frame["value"],
+            "label": truth, "probation": ~scored, "is_anomaly": flags["default"],
+            "if_anomaly": flags["isolation_forest"], "lstm_anomaly": flags["lstm_autoencoder"],
+            "reconstruction_error": scores["lstm_autoencoder"], "if_score": scores["isolation_forest"],
+        })
+        for name in scores:
+            out[f"{name}_score"] = scores[name]
+        for name in flags:
+            out[f"{name}_anomaly"] = flags[name]
+        stem = Path(key).stem
+        out.to_csv(args.out / f"{stem}.csv", index=False)
+        plot_series(args.out / f"{stem}.png", key, frame, widx, probation, flags,
+                    ["isolation_forest", "lstm_autoencoder", "combined", "robust_zscore_likelihood",
+                     "value_likelihood", "default"])
+
+    metrics = {}
+    for name, entry in pooled.items():
+        tw = sum(w["tp"] for w in entry["window"])
+        fw = sum(w["fp"] for w in entry["window"])
+        nw = sum(w["fn"] for w in entry["window"])
+        wp = tw / (tw + fw) if tw + fw else 0.0
+        wr = tw / (tw + nw) if tw + nw else 0.0
+        metrics[name] = {
+            **point_metrics(np.concatenate(entry["alarms"]), np.concatenate(entry["truth"])),
+            "window": {"precision": wp, "recall": wr, "f1": 2 * wp * wr / (wp + wr) if wp + wr else 0.0,
+                       "found": tw, "missed": nw, "false_alarms": fw},
+            # At the detector's own (deployed) threshold; the leaderboard's swept figure is below.
+            "nab": {p: nab_score_fixed(entry["flags"], p)["score"] for p in PROFILES},
+        }
+        if entry["scores"]:
+            best = nab_scores_all_profiles(entry["scores"])
+            metrics[name]["nab_optimized_threshold"] = {p: {"score": r["score"], "threshold": r["threshold"]}
+                                                        for p, r in best.items()}
+    summary = {
+        "series": keys, "labelled_points": sum(len(labels.get(k, [])) for k in keys),
+        "windows": sum(len(windows[k]) for k in keys), "epochs": args.epochs,
+        "training": "per series, on its probationary period only (NAB's first 15%)",
+        "detectors": metrics,
+    }
+    (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    width = max(len(n) for n in metrics)
+    print(f"{'detector':<{width}}  point_f1  window_f1 found/missed/false  NAB std  low_fp  low_fn")
+    for name, m in sorted(metrics.items(), key=lambda kv: -kv[1]["nab"]["standard"]):
+        w, nab = m["window"], m["nab"]
+        print(f"{name:<{width}}  {m['f1']:8.3f}  {w['f1']:9.3f} {w['found']:5d}/{w['missed']}/{w['false_alarms']:<6d}"
+              f" {nab['standard']:7.1f} {nab['reward_low_fp']:7.1f} {nab['reward_low_fn']:7.1f}")
+    log.info("evaluation written", out=str(args.out), series=len(keys))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""logs evaluate: session-level log anomaly detection on a sessions CSV (HDFS by default).
+
+Models: the next-event LSTM (unsupervised, trained on normal sessions only), the two-input
+(window, next event) classifier and the count-vector baselines (logistic regression, decision
+tree), the last three supervised with the session labels.
+
+No test-split tuning. Each model sees only the training split. A window model is fitted on a
+stratified 80% of it (normal sessions only for the next-event model) and makes its one choice on
+the other 20%, the validation slice: k and min_prob of the next-event model, the threshold of the
+pair classifier, whichever gives the best validation F1 (ties: fewer alarms). That fitted model is
+the one scored on the test split (a refit on the whole split would move the probabilities the
+choice was made on). The count baselines decide at probability 0.5 and are fitted on the whole
+training split.
+
+Also reported: F1 at every k on the test split (not used to choose anything) and the "ceiling",
+the best F1 that ANY function of the event sequence could reach on that test split (an oracle that
+flags exactly the sequences worth flagging, using the test labels): on the HDFS 100k sample many
+anomalous blocks have sequences identical to normal ones, because the sample cuts every block's
+log at line 100,000 while the label comes from its whole life.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.evaluation.metrics import point_metrics
+from models.logs.sessions import read_sessions_csv
+from shared.app_logging import setup_logging
+from shared.config import load_settings
+
+K_VALUES = list(range(1, 11))
+MIN_PROBS = [0.0, 1e-5, 1e-4, 1e-3]  # next-event model: an event below this probability is anomalous at any k
+PAIR_THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 1.0, 0.05)]
+UNSUPERVISED = "next_event_lstm"
+MODEL_NAMES = [UNSUPERVISED, "pair_classifier", "count_logistic_regression", "count_decision_tree"]
+
+
+def stratified_split(labels: np.ndarray, seed: int, test_size: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (train, test) of one stratified shuffle split."""
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+    return next(splitter.split(np.zeros(len(labels)), labels))
+
+
+def best_threshold(scores: np.ndarray, truth: np.ndarray, candidates) -> tuple[float, dict[float, float]]:
+    """The candidate with the best F1 of `scores > candidate` (ties: the larger) and every F1."""
+    f1 = {c: point_metrics(scores > c, truth)["f1"] for c in candidates}
+    best = max(f1, key=lambda c: (f1[c], c))
+    return best, f1
+
+
+def sequence_ceiling(sequences: list[str], truth: np.ndarray) -> dict:
+    """Best F1 any function of the event sequence can reach on these sessions. F1 of a set of
+    flagged sequences is 2A / (A + N + P); by Dinkelbach's argument the best set holds the sequences
+    whose anomalous fraction is above some level, so the best prefix by fraction is the optimum."""
+    frame = pd.DataFrame({"seq": sequences, "y": truth.astype(int)})
+    groups = frame.groupby("seq")["y"].agg(["sum", "count"])
+    groups = groups[groups["sum"] > 0]
+    groups = groups.assign(frac=groups["sum"] / groups["count"]).sort_values(["frac", "sum"], ascending=False)
+    positives = int(truth.sum())
+    tp, flagged = groups["sum"].cumsum().to_numpy(), groups["count"].cumsum().to_numpy()
+    if not positives or not len(tp):
+        return {"f1": 0.0, "precision": 0.0, "recall": 0.0}
+    f1 = 2 * tp / (flagged + positives)
+    i = int(np.argmax(f1))
+    return {"f1": float(f1[i]), "precision": float(tp[i] / flagged[i]), "recall": float(tp[i] / positives)}
+
+
+def _report(flags: np.ndarray, truth: np.ndarray) -> dict:
+    from sklearn.metrics import classification_report
+
+    return classification_report(truth, flags, labels=[0, 1], target_names=["Normal", "Anomaly"], output_dict=True,
+                                 zero_division=0)
+
+
+def _window_report(model, sessions: list, truth: np.ndarray) -> dict:
+    """Every window labelled with its session's label, flagged at the model's threshold."""
+    per_session = model.window_scores(sessions)
+    scores = np.concatenate(per_session)
+    window_truth = np.repeat(truth, [len(s) for s in per_session])
+    return _report(model.decide(scores), window_truth)
+
+
+def choose_next_event(model, sessions: list, truth: np.ndarray) -> tuple[tuple[float, int], dict]:
+    """(min_prob, k) with the best F1 on these (validation) sessions; ties: fewer alarms, then the
+    larger k and the smaller min_prob. Also every F1, as {min_prob: {k: F1}}."""
+    from models.logs.base import per_session_max
+    from models.logs.next_event import target_ranks
+
+    probs, targets, owner = model.next_event_probs(sessions)
+    grid, f1 = {}, {}
+    for min_prob in MIN_PROBS:
+        ranks = target_ranks(probs, targets, model.vocab.unknown_id, min_prob)
+        scores = per_session_max(ranks, owner, len(sessions), empty=1.0)
+        for k in K_VALUES:
+            flags = scores > k
+            grid[(min_prob, k)] = (point_metrics(flags, truth)["f1"], -int(flags.sum()), k, -min_prob)
+            f1.setdefault(min_prob, {})[k] = grid[(min_prob, k)][0]
+    return max(grid, key=grid.get), f1
+
+
+def evaluate_split(train: pd.DataFrame, test: pd.DataFrame, seed: int, epochs: int, details: bool = False) -> dict:
+    """Fit every model on `train` (window models on 80% of it, their choice on the other 20%) and
+    score `test`."""
+    from models.logs.count_baseline import CountVectorDetector
+    from models.logs.next_event import NextEventDetector
+    from models.logs.pair_classifier import PairClassifierDetector
+
+    fit_pos, val_pos = stratified_split(train["y"].to_numpy(), seed)
+    fit, val = train.iloc[fit_pos], train.iloc[val_pos]
+    val_sessions, val_truth = list(val["events"]), val["y"].to_numpy().astype(bool)
+    test_truth = test["y"].to_numpy().astype(bool)
+    test_sessions = list(test["events"])
+    results, scores, models = {}, {}, {}
+
+    model = NextEventDetector(epochs=epochs, seed=seed).fit(list(fit["events"]), list(fit["y"]))
+    (min_prob, k), val_f1 = choose_next_event(model, val_sessions, val_truth)
+    model.params["min_prob"], model.k = min_prob, k
+    models[UNSUPERVISED], scores[UNSUPERVISED] = model, model.score_sessions(test_sessions)
+    results[UNSUPERVISED] = {
+        **point_metrics(model.decide(scores[UNSUPERVISED]), test_truth), "k": k, "min_prob": min_prob,
+        "validation_f1": val_f1[min_prob][k], "validation_f1_by_min_prob_and_k": val_f1,
+        # Reported, never used to choose: the test F1 at every k (at the chosen min_prob, and top-k alone).
+        "f1_by_k": {k_: point_metrics(scores[UNSUPERVISED] > k_, test_truth)["f1"] for k_ in K_VALUES},
+    }
+    top_k_only = model.score_sessions(test_sessions, min_prob=0.0)
+    results[UNSUPERVISED]["f1_by_k_top_k_only"] = {k_: point_metrics(top_k_only > k_, test_truth)["f1"]
+                                                   for k_ in K_VALUES}
+    if details:
+        results[UNSUPERVISED]["by_k"] = {k_: point_metrics(scores[UNSUPERVISED] > k_, test_truth) for k_ in K_VALUES}
+
+    model = PairClassifierDetector(epochs=epochs, seed=seed).fit(list(fit["events"]), list(fit["y"]))
+    model.threshold, val_f1 = best_threshold(model.score_sessions(val_sessions), val_truth, PAIR_THRESHOLDS)
+    models[model.name], scores[model.name] = model, model.score_sessions(test_sessions)
+    results[model.name] = {**point_metrics(model.decide(scores[model.name]), test_truth),
+                           "threshold": model.threshold, "validation_f1": val_f1[model.threshold],
+                           "validation_f1_by_threshold": val_f1}
+
+    for kind in ("logistic_regression", "decision_tree"):
+        model = CountVectorDetector(kind, seed=seed).fit(list(train["events"]), list(train["y"]))
+        models[model.name], scores[model.name] = model, model.score_sessions(test_sessions)
+        results[model.name] = {**point_metrics(model.decide(scores[model.name]), test_truth),
+                               "threshold": model.threshold}
+
+    # Diagnostic, not the target metric: the same decisions on the test sessions without the
+    # anomalies whose exact sequence is also a normal session's (no sequence rule can flag those).
+    normal_sequences = set(pd.concat([train, test]).query("y == 0")["EventSequence"])
+    separable = ~(test_truth & test["EventSequence"].isin(normal_sequences).to_numpy())
+    for name, model in models.items():
+        results[name]["separable"] = point_metrics(model.decide(scores[name])[separable], test_truth[separable])
+    if details:
+        for name, model in models.items():
+            results[name]["classification_report"] = _report(model.decide(scores[name]), test_truth)
+            if model.window_scores(test_sessions[:1]) is not None:
+                results[name]["window_classification_report"] = _window_report(model, test_sessions, test_truth)
+    return {
+        "seed": seed, "train_sessions": len(train), "train_anomalies": int(train["y"].sum()),
+        "fit_sessions": len(fit), "validation_sessions": len(val), "test_sessions": len(test),
+        "test_anomalies": int(test_truth.sum()), "test_anomalies_with_a_normal_sequence": int((~separable).sum()),
+        "ceiling": sequence_ceiling(list(test["EventSequence"].fillna("")), test_truth),
+        "models": results, "_scores": scores, "_models": models,
+    }
+
+
+def _public(result: dict) -> dict:
+    """A split's result without the fitted models and raw scores."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def _spread(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+            "min": float(arr.min()), "max": float(arr.max())}
+
+
+def summarise_splits(splits: list[dict]) -> dict:
+    summary = {name: {m: _spread([s["models"][name][m] for s in splits]) for m in ("precision", "recall", "f1")}
+               for name in MODEL_NAMES}
+    for name in MODEL_NAMES:
+        summary[name]["separable_f1"] = _spread([s["models"][name]["separable"]["f1"] for s in splits])
+    summary[UNSUPERVISED]["chosen_k"] = [s["models"][UNSUPERVISED]["k"] for s in splits]
+    summary[UNSUPERVISED]["chosen_min_prob"] = [s["models"][UNSUPERVISED]["min_prob"] for s in splits]
+    summary["ceiling"] = {"f1": _spread([s["ceiling"]["f1"] for s in splits])}
+    return summary
+
+
+def plot_f1_by_k(path: Path, given: dict, splits: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, s in enumerate(splits):
+        ax.plot(K_VALUES, [s["models"][UNSUPERVISED]["f1_by_k"][k] for k in K_VALUES], color="#9bb7d4", lw=1,
+                label="test F1, random splits" if i == 0 else None)
+    ne = given["models"][UNSUPERVISED]
+    ax.plot(K_VALUES, [ne["f1_by_k"][k] for k in K_VALUES], "o-", color="#1f4e79", label="test F1 (given split)")
+    ax.plot(K_VALUES, [ne["f1_by_k_top_k_only"][k] for k in K_VALUES], "^:", color="#1f4e79", alpha=0.6,
+            label="test F1, top-k alone (min_prob 0)")
+    ax.plot(K_VALUES, [ne["validation_f1_by_min_prob_and_k"][ne["min_prob"]][k] for k in K_VALUES], "s--",
+            color="#e8a33d", label=f"validation F1 (train split), min_prob {ne['min_prob']:g}: chooses k")
+    ax.axvline(ne["k"], color="#e8a33d", lw=1, ls=":")
+    ax.axhline(given["ceiling"]["f1"], color="#c0392b", lw=1, ls="--", label="ceiling: best F1 of any sequence rule")
+    for name, color in (("count_decision_tree", "#2e8b57"), ("pair_classifier", "#7d3c98")):
+        ax.axhline(given["models"][name]["f1"], color=color, lw=1, label=f"{name} (test)")
+    ax.set_xlabel("k (an event outside the top k predictions is anomalous)")
+    ax.set_ylabel("session F1")
+    ax.set_xticks(K_VALUES)
+    ax.set_ylim(0, 1)
+    ax.set_title("next-event LSTM: session F1 against k")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def given_split(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    if "Split" in frame.columns and set(frame["Split"].unique()) == {"train", "test"}:
+        return frame[frame["Split"] == "train"], frame[frame["Split"] == "test"], "the Split column"
+    train_pos, test_pos = stratified_split(frame["y"].to_numpy(), seed=0)
+    return frame.iloc[train_pos], frame.iloc[test_pos], "no Split column: a stratified 80/20 split, seed 0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings()
+    parser = argparse.ArgumentParser(prog="anomstream logs evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=Path, default=settings.data_dir / "hdfs" / "hdfs_100k_sessions.csv",
+                        help="sessions CSV: BlockId, Label (Normal/Anomaly), EventSequence, optional Split")
+    parser.add_argument("--out", type=Path, default=Path("evaluation_results") / "logs")
+    parser.add_argument("--splits", type=int, default=5, help="random stratified 80/20 splits besides the given one")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of the two Keras models")
+    parser.add_argument("--quick", action="store_true", help="no random splits and 5 epochs (smoke test)")
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.splits, args.epochs = 0, 5
+    log = setup_logging(settings, "logs-evaluate")
+
+    from models.metrics.lstm_autoencoder import configure_tensorflow
+
+    configure_tensorflow(args.threads)
+    started = time.perf_counter()
+    frame = read_sessions_csv(args.sessions)
+    if frame["y"].nunique() < 2:
+        parser.error(f"{args.sessions} needs both Normal and Anomaly sessions")
+    train, test, split_source = given_split(frame)
+    given = evaluate_split(train, test, seed=0, epochs=args.epochs, details=True)
+    log.info("given split evaluated", seconds=round(time.perf_counter() - started, 1),
+             **{n: round(m["f1"], 3) for n, m in given["models"].items()})
+
+    splits = []
+    for seed in range(args.splits):
+        train_pos, test_pos = stratified_split(frame["y"].to_numpy(), seed)
+        splits.append(evaluate_split(frame.iloc[train_pos], frame.iloc[test_pos], seed=seed, epochs=args.epochs))
+        log.info("random split evaluated", seed=seed, **{n: round(m["f1"], 3) for n, m in splits[-1]["models"].items()})
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    per_session = test[["BlockId", "Label", "NumEvents", "EventSequence"]].copy() if "NumEvents" in test else \
+        test[["BlockId", "Label", "EventSequence"]].copy()
+    for name, model_scores in given["_scores"].items():
+        per_session[f"{name}_score"] = model_scores
+        per_session[f"{name}_anomaly"] = given["_models"][name].decide(model_scores)
+    per_session.to_csv(args.out / "sessions_test.csv", index=False)
+    plot_f1_by_k(args.out / "f1_by_k.png", given, splits)
+
+    metrics = {
+        "sessions_csv": str(args.sessions), "sessions": len(frame), "anomalies": int(frame["y"].sum()),
+        "window": 10, "k_values": K_VALUES, "epochs": args.epochs, "unsupervised_model": UNSUPERVISED,
+        "min_probs": MIN_PROBS,
+        "protocol": ("each model sees the training split only; the window models are fitted on a stratified 80% "
+                     "of it and choose k and min_prob (next_event_lstm) or the threshold (pair_classifier) by F1 "
+                     "on the other 20%; the count models are fitted on all of it and decide at 0.5; f1_by_k on "
+                     "the test split is reported, never used; ceiling = best F1 of any function of the event "
+                     "sequence on the test split (an oracle bound)"),
+        "test_split": {"source": split_source, **_public(given)},
+        "random_splits": {"n": len(splits), "test_size": 0.2, "seeds": list(range(len(splits))),
+                          "summary": summarise_splits(splits) if splits else {},
+                          "per_split": [_public(s) for s in splits]},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+
+    print(f"{'model':<27} {'precision':>9} {'recall':>7} {'F1':>6}  F1 over {len(splits)} random splits     "
+          f"separable F1")
+    rows = [(n, given["models"][n]) for n in MODEL_NAMES] + [("ceiling (any sequence rule)", given["ceiling"])]
+    summary = metrics["random_splits"]["summary"]
+    for name, m in rows:
+        spread = summary.get(name if name in MODEL_NAMES else "ceiling", {}).get("f1")
+        extra = (f"{spread['mean']:.3f} ± {spread['std']:.3f} [{spread['min']:.3f}, {spread['max']:.3f}]"
+                 if spread else "-")
+        sep = f"{m['separable']['f1']:.3f}" if "separable" in m else ""
+        print(f"{name:<27} {m['precision']:9.3f} {m['recall']:7.3f} {m['f1']:6.3f}  {extra:<30} {sep}")
+    ne = given["models"][UNSUPERVISED]
+    print(f"next_event_lstm chose k={ne['k']}, min_prob={ne['min_prob']:g} on the validation slice; "
+          f"written to {args.out} in {metrics['seconds']} s")
+    return 0
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""run: the whole pipeline end to end (what `make run` does).
+
+Starts the local broker with its JMX exporter (unless KAFKA_BOOTSTRAP_SERVERS names a cluster),
+trains the models if they are missing, starts the detector, rules and alerter services as their
+own processes, replays the EC2 CPU series and some synthetic transactions through the producer,
+then runs a short `scenario kafka-load` that puts a known load (with one burst and one large
+message) on the broker and publishes a scrape of the broker's metrics every second. Then it
+starts the log detector and replays raw HDFS log lines into `logs`: the raw HDFS_2k sample, then
+the labelled test sessions of the HDFS 100k sample written back as raw lines (models.logs.render),
+so the stream's decisions can be scored against the labels. It waits until every input and every
+scrape is scored, every message read by the rules service, every log session ended and every
+anomaly handled by the alerter, prints a summary, writes a chart per fired definition and stops
+all it started.
+
+The rules service gets a consumer group and run history of this run alone, starting at the
+topics' ends: the replay repeats the same event times on every run, which a long-lived rules
+service would rightly call late.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from models.evaluation.metrics import point_metrics
+from models.logs.render import START as RENDER_START
+from models.logs.render import render_sessions
+from models.logs.sessions import encode_log_lines, read_sessions_csv, session_keys
+from models.metrics.features import replay_frame
+from models.metrics.model_set import ModelSet
+from models.metrics.synthetic import transactions
+from models.rules.run_history import RunHistory
+from shared.app_logging import setup_logging
+from shared.config import REPO_ROOT, load_settings
+from shared.kafka import (
+    commit_group_offsets,
+    committed_offsets,
+    end_offsets,
+    ensure_topics,
+    read_topic,
+    send,
+)
+from shared.local_broker import LocalBroker
+from shared.schemas import encode_metric_frame
+
+
+def delta(before: dict[int, int], after: dict[int, int]) -> int:
+    return sum(after[p] - before.get(p, 0) for p in after)
+
+
+def wait_for(condition, timeout: float, what: str, procs: dict[str, subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}")
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def render_labelled_log(settings, out: Path) -> dict[str, bool]:
+    """The test sessions of the HDFS 100k sample as raw lines (models.logs.render); block -> anomalous."""
+    frame = read_sessions_csv(settings.data_dir / "hdfs" / "hdfs_100k_sessions.csv")
+    frame = frame[frame["Split"] == "test"]
+    out.write_text("\n".join(render_sessions(list(frame["BlockId"]), list(frame["events"]), step_s=0.01)) + "\n")
+    return dict(zip(frame["BlockId"], frame["y"].astype(bool)))
+
+
+def log_checkpoint_done(path: Path, logs_end: dict[int, int]) -> bool:
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text())
+    return not saved["sessions"]["sessions"] and all(
+        int(saved["offsets"].get(str(p), -1)) >= o - 1 for p, o in logs_end.items() if o > 0)
+
+
+def log_summary(raw_sample: Path, labels: dict[str, bool], flagged: dict[str, set[str]], settings) -> str:
+    """The log detector's sessions: the raw sample's, and the labelled ones scored against their labels."""
+    raw_blocks = set()
+    for line in raw_sample.read_text(errors="replace").splitlines():
+        raw_blocks.update(session_keys(line, settings.log_session_key))
+    truth = np.array(list(labels.values()))
+    alarms = np.array([block in flagged["labelled"] for block in labels])
+    m = point_metrics(alarms, truth)
+    manifest = json.loads((settings.model_dir / settings.model_logs / "manifest.json").read_text())
+    return (f"LOGS raw_sample_sessions={len(raw_blocks)} raw_sample_flagged={len(raw_blocks & flagged['raw'])} "
+            f"labelled_sessions={len(labels)} labelled_anomalous={int(truth.sum())} flagged={int(alarms.sum())} "
+            f"tp={m['tp']} fp={m['fp']} fn={m['fn']} precision={m['precision']:.3f} recall={m['recall']:.3f} "
+            f"f1={m['f1']:.3f} (offline on the same split: f1={manifest['test']['f1']:.3f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anomstream run", description=__doc__)
+    parser.add_argument("--epochs", type=int, default=10, help="LSTM epochs if models must be trained")
+    parser.add_argument("--transactions", type=int, default=5000, help="synthetic transactions to send")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--scrapes", type=int, default=60, help="rows of the broker-metrics scenario (1 per second)")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    log = setup_logging(settings, "run")
+    started = time.monotonic()
+    broker = None
+    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        broker = LocalBroker(port=int(settings.bootstrap_servers.rsplit(":", 1)[1]),
+                             jmx_port=urlsplit(settings.metrics_exporter_url).port)
+        broker.start()
+        log.info("local kafka broker ready", bootstrap=broker.bootstrap)
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name in (settings.model_input, settings.model_transactions):
+            if not (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
+                log.info("no trained model set; training", name=name, epochs=args.epochs)
+                subprocess.run([sys.executable, "-m", "services.jobs.train", "--name", name,
+                                "--epochs", str(args.epochs)], check=True, cwd=REPO_ROOT)
+        if not (settings.model_dir / settings.model_kafka_metrics / "realtime_kmeans.json").exists():
+            subprocess.run([sys.executable, "-m", "services.jobs.train", "--name", settings.model_kafka_metrics],
+                           check=True, cwd=REPO_ROOT)
+        subprocess.run([sys.executable, "-m", "services.jobs.logs", "train", "--if-missing"], check=True, cwd=REPO_ROOT)
+        ensure_topics(settings)
+        topics = [settings.topic_input, settings.topic_transactions, settings.topic_scores,
+                  settings.topic_anomalies, settings.topic_dead_letter, settings.topic_kafka_metrics,
+                  settings.topic_logs]
+        before = {t: end_offsets(settings, t) for t in topics}
+
+        log_dir = REPO_ROOT / ".cache" / "run"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = os.environ | {"ANOMSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+        with open(log_dir / "detector.log", "ab") as detector_log:
+            procs["detector"] = subprocess.Popen([sys.executable, "-m", "services.detector"], cwd=REPO_ROOT,
+                                                 env=env, stdout=detector_log, stderr=subprocess.STDOUT)
+        rules_db = log_dir / "rules_history.db"
+        rules_db.unlink(missing_ok=True)
+        rules_env = env | {"ANOMSTREAM_RULES_GROUP": f"anomstream-rules-run-{int(time.time())}",
+                           "ANOMSTREAM_RULES_DB_URL": f"sqlite:///{rules_db}"}
+        rules_topics = (settings.topic_input, settings.topic_transactions)
+        for topic in rules_topics:
+            commit_group_offsets(settings, rules_env["ANOMSTREAM_RULES_GROUP"], topic, before[topic])
+        with open(log_dir / "rules.log", "ab") as rules_log:
+            procs["rules"] = subprocess.Popen([sys.executable, "-m", "services.rules"], cwd=REPO_ROOT,
+                                              env=rules_env, stdout=rules_log, stderr=subprocess.STDOUT)
+        # The alerter writes each alert as it arrives to its log (and posts it, when Slack is
+        # configured); the raw log sample alone gives some 2,000 of them (see the LOGS line).
+        with open(log_dir / "alerter.log", "ab") as alerter_log:
+            procs["alerter"] = subprocess.Popen([sys.executable, "-m", "services.alerter"], cwd=REPO_ROOT,
+                                                env=env | {"ANOMSTREAM_LOG_FORMAT": "console"}, stdout=alerter_log,
+                                                stderr=subprocess.STDOUT)
+        log.info("detector, log detector, rules and alerter started", detector_log=str(log_dir / "detector.log"),
+                 logdetector_log=str(log_dir / "logdetector.log"), rules_log=str(log_dir / "rules.log"),
+                 alerter_log=str(log_dir / "alerter.log"))
+        keys, values = encode_metric_frame(replay_frame(settings.nab_csvs()))
+        sent = send(settings, settings.topic_input, keys, values, log=log)
+        keys, values = encode_metric_frame(transactions(args.transactions, outlier_prob=0.01, seed=int(time.time())))
+        sent += send(settings, settings.topic_transactions, keys, values, log=log)
+        scores_start = before[settings.topic_scores]
+
+        def scrapes() -> int:
+            return delta(before[settings.topic_kafka_metrics], end_offsets(settings, settings.topic_kafka_metrics))
+
+        wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + scrapes(),
+                 args.timeout, f"{sent} scores", procs)
+        # The broker's own metrics, once the replay is scored (the model knows the scenario's traffic,
+        # not the replay's): a known load with one burst and one large message, scraped every
+        # second to kafka_metrics, where the Real-Time K-Means scores them.
+        scenario_csv = log_dir / "kafka_load.csv"
+        metrics_url = broker.metrics_url if broker is not None else settings.metrics_exporter_url
+        with open(log_dir / "scenario.log", "ab") as scenario_log:
+            procs["scenario"] = subprocess.Popen(
+                [sys.executable, "-m", "services.jobs.scenario", "kafka-load", "--rows", str(args.scrapes),
+                 "--bursts", "1", "--large-messages", "1", "--quiet-fraction", "0.5", "--min-gap", "10",
+                 "--bootstrap", settings.bootstrap_servers, "--url", metrics_url, "--out", str(scenario_csv)],
+                cwd=REPO_ROOT, env=env, stdout=scenario_log, stderr=subprocess.STDOUT)
+        log.info("broker-metrics scenario started", rows=args.scrapes, log=str(log_dir / "scenario.log"))
+
+        # The rules service records how far it read with each batch of checks; once it read
+        # everything and the partitions went idle, every window the watermark passed is checked.
+        inputs_end = {t: end_offsets(settings, t) for t in rules_topics}
+        history = RunHistory(rules_env["ANOMSTREAM_RULES_DB_URL"])
+        wait_for(lambda: all(history.progress(rules_env["ANOMSTREAM_RULES_GROUP"]).get((t, p), 0) >= o
+                             for t in rules_topics for p, o in inputs_end[t].items()),
+                 args.timeout, "the rules service to read every input", procs)
+        time.sleep(settings.rules_idle_partition_s + 3)
+        scenario = procs.pop("scenario")
+        if scenario.wait(args.timeout) != 0:
+            raise RuntimeError(f"the broker-metrics scenario exited with {scenario.returncode}; see "
+                               f"{log_dir / 'scenario.log'}")
+        n_scrapes = scrapes()
+        wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + n_scrapes,
+                 args.timeout, f"{n_scrapes} scrapes of the broker's metrics scored", procs)
+        # Raw log lines for the log detector, once the rest is done: its load during the metric replay
+        # would hold a rules partition back past the idle limit (making its messages late), and
+        # during the scenario it would be a burst of traffic the broker-metrics model rightly flags.
+        # The log detector: a group, and open sessions, of this run alone (the replay repeats the
+        # same block ids every run); sessions end after 5 s of event time without a line (the
+        # labelled lines are 10 ms apart), and when the replay is over, after 5 s of quiet.
+        log_state = log_dir / "logdetector-state"
+        shutil.rmtree(log_state, ignore_errors=True)
+        logs_env = env | {"ANOMSTREAM_LOGDETECTOR_GROUP": f"anomstream-logdetector-run-{int(time.time())}",
+                          "ANOMSTREAM_LOG_STATE_DIR": str(log_state), "ANOMSTREAM_LOG_SESSION_TIMEOUT_S": "5"}
+        commit_group_offsets(settings, logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], settings.topic_logs,
+                             before[settings.topic_logs])
+        with open(log_dir / "logdetector.log", "ab") as logdetector_log:
+            procs["logdetector"] = subprocess.Popen([sys.executable, "-m", "services.logdetector"], cwd=REPO_ROOT,
+                                                    env=logs_env, stdout=logdetector_log, stderr=subprocess.STDOUT)
+        raw_sample, labelled_log = settings.data_dir / "hdfs" / "HDFS_2k.log", log_dir / "hdfs_test.log"
+        log_labels = render_labelled_log(settings, labelled_log)
+        log_lines = 0
+        for path in (raw_sample, labelled_log):
+            keys, values = encode_log_lines(path, settings.log_session_key)
+            log_lines += send(settings, settings.topic_logs, keys, values, log=log)
+        # The log detector is done when its checkpoint holds every line and no open session.
+        logs_end = end_offsets(settings, settings.topic_logs)
+        wait_for(lambda: log_checkpoint_done(log_state / settings.model_logs / "checkpoint.json", logs_end),
+                 args.timeout, "the log detector to read every line and end every session", procs)
+        anomalies_end = end_offsets(settings, settings.topic_anomalies)
+        wait_for(lambda: all(committed_offsets(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
+                             for p, o in anomalies_end.items()),
+                 args.timeout, "the alerter to handle every anomaly", procs)
+
+        n_anomalies = delta(before[settings.topic_anomalies], anomalies_end)
+        fired = Counter()
+        cluster_flagged: list[float] = []
+        log_flagged: dict[str, set[str]] = {"raw": set(), "labelled": set()}
+        for msg in read_topic(settings, settings.topic_anomalies, before[settings.topic_anomalies], n_anomalies):
+            rec = orjson.loads(msg.value())
+            if rec.get("kind") == "cluster":
+                cluster_flagged.append(datetime.fromisoformat(rec["timestamp"]).timestamp())
+            if rec.get("kind") == "log":  # the labelled replay's clock starts after the raw sample's end
+                part = "labelled" if datetime.fromisoformat(rec["timestamp"]).replace(tzinfo=None) >= RENDER_START else "raw"
+                log_flagged[part].add(rec["series"])
+            if rec.get("kind") in ("rule", "cluster", "log"):
+                fired[rec["kind"]] += 1
+                continue
+            fired[rec["source_topic"]] += 1
+            fired["isolation_forest"] += rec["if_anomaly"]
+            fired["lstm_autoencoder"] += rec["lstm_anomaly"]
+        scored = delta(scores_start, end_offsets(settings, settings.topic_scores))
+        dead = delta(before[settings.topic_dead_letter], end_offsets(settings, settings.topic_dead_letter))
+        rule_counts = Counter()
+        for name in history.definitions():
+            for group, n in history.groups(name).items():
+                rule_counts["checks"] += n
+            frame = history.frame(name)
+            n_fired = int(frame["fired"].sum())
+            rule_counts["fired"] += n_fired
+            if n_fired:
+                chart = log_dir / f"rules-{name}.png"
+                subprocess.run([sys.executable, "-m", "services.cli", "chart", name, "--out", str(chart),
+                                "--db", rules_env["ANOMSTREAM_RULES_DB_URL"]], cwd=REPO_ROOT, check=True)
+        history.close()
+        labels = pd.read_csv(scenario_csv)
+        injected = labels.loc[labels["is_anomaly"] == 1, "timestamp"].to_numpy()
+        caught = sum(any(abs(t - f) < 0.01 for f in cluster_flagged) for t in injected)
+        print(f"BROKER METRICS scrapes={n_scrapes} injected={len(injected)} injected_flagged={caught} "
+              f"other_scrapes_flagged={len(cluster_flagged) - caught} "
+              f"labelled CSV {scenario_csv}", flush=True)
+        print(log_summary(raw_sample, log_labels, log_flagged, settings), flush=True)
+        print(f"SUMMARY produced={sent} log_lines={log_lines} scored={scored} anomalies={n_anomalies} "
+              f"(input_data={fired[settings.topic_input]} transactions={fired[settings.topic_transactions]} "
+              f"rules={fired['rule']} kafka_metrics={fired['cluster']} log_sessions={fired['log']}; "
+              f"isolation_forest={fired['isolation_forest']} "
+              f"lstm_autoencoder={fired['lstm_autoencoder']}) rule_checks={rule_counts['checks']} "
+              f"rule_checks_fired={rule_counts['fired']} broker_metric_scrapes={n_scrapes} dead_letter={dead} "
+              f"elapsed_s={time.monotonic() - started:.1f}", flush=True)
+        print(f"run history: anomstream runs NAME --db {rules_env['ANOMSTREAM_RULES_DB_URL']}", flush=True)
+        return 0 if scored >= sent + n_scrapes else 1
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if broker is not None:
+            broker.stop()
+            log.info("local kafka broker stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

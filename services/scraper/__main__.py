@@ -1,0 +1,7 @@
+"""`python -m services.scraper`."""
+
+import sys
+
+from services.scraper.service import main
+
+sys.exit(main())

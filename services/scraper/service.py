@@ -1,0 +1,274 @@
+"""metrics scraper: a Kafka broker's own metrics as a stream.
+
+Every interval it reads a Prometheus endpoint (the broker's JMX exporter), keeps the counters that
+matter (messages in, bytes in, bytes out, fetch and produce requests; broker-wide and per topic),
+turns them into per-second rates over the interval and publishes one `BrokerMetricsRecord` per
+scrape to `kafka_metrics`, keyed by the endpoint URL.
+
+A counter that went down (the broker restarted) or a series seen for the first time has no rate
+in that interval; a series that disappears is dropped. An endpoint that is down, answers an HTTP
+error or unparsable text is logged and tried again on the next tick: the scraper never stops for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from confluent_kafka import KafkaException
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.app_logging import get_logger, setup_logging
+from shared.config import Settings, load_settings
+from shared.kafka import DeliveryTracker, ensure_topics, make_producer, produce
+from shared.schemas import BrokerMetricsRecord
+
+# Output name -> regex over the exposition's sample names. The defaults match the names of the
+# JMX exporter's example Kafka config (kafka_server_brokertopicmetrics_messagesin_total) and its
+# older variants (..._count, no suffix, CamelCase ...PerSec_Count).
+DEFAULT_PATTERNS: dict[str, str] = {
+    name: rf"kafka_server_brokertopicmetrics_{mbean}(?:persec)?(?:_total|_count)?"
+    for name, mbean in (("messages_in", "messagesin"), ("bytes_in", "bytesin"), ("bytes_out", "bytesout"),
+                        ("fetch_requests", "totalfetchrequests"), ("produce_requests", "totalproducerequests"))
+}
+MAX_SERIES = 2000  # BrokerMetricsRecord.metrics holds at most this many entries
+ACCEPT = "text/plain;version=0.0.4;q=1.0, */*;q=0.1"  # the text format, not OpenMetrics or protobuf
+
+
+def safe_url(url: str) -> str:
+    """The URL without user info (user:password@), for logs, records and keys."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _scrub(text: str, url: str) -> str:
+    parts = urlsplit(url)
+    for secret in (parts.password, parts.username):
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    return text
+
+
+def compile_patterns(patterns: dict[str, str] | None = None) -> dict[str, re.Pattern]:
+    return {name: re.compile(regex, re.IGNORECASE) for name, regex in (patterns or DEFAULT_PATTERNS).items()}
+
+
+def read_counters(text: str, patterns: dict[str, re.Pattern], topics: re.Pattern | None = None) -> dict[str, float]:
+    """Series -> counter value from Prometheus exposition text: `name` for a series without a
+    topic label, `name:topic` for one with (series that differ in other labels are added up).
+    Raises ValueError for text that is not the exposition format."""
+    counters: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = next((n for n, p in patterns.items() if p.fullmatch(sample.name)), None)
+            if name is None or not math.isfinite(sample.value):
+                continue
+            topic = sample.labels.get("topic")
+            if topic and topics is not None and not topics.fullmatch(topic):
+                continue
+            key = f"{name}:{topic}" if topic else name
+            counters[key] = counters.get(key, 0.0) + float(sample.value)
+    return counters
+
+
+@dataclass(frozen=True)
+class Rates:
+    values: dict[str, float]  # series -> per-second rate
+    deltas: dict[str, float]  # series -> counter increase over the interval
+    reset: list[str]  # counters that went down (a restart): no rate this interval
+    new: list[str]  # series absent from the previous scrape: no rate this interval
+
+
+def rates(prev: dict[str, float], cur: dict[str, float], dt: float) -> Rates:
+    """Counters -> rates over dt seconds. A broker-wide name the exporter does not give (only
+    per-topic series) is the sum of its topics' rates."""
+    if not dt > 0:
+        raise ValueError(f"interval must be > 0, not {dt}")
+    deltas: dict[str, float] = {}
+    reset, new = [], []
+    for key, value in cur.items():
+        before = prev.get(key)
+        if before is None:
+            new.append(key)
+        elif value < before:
+            reset.append(key)
+        else:
+            deltas[key] = value - before
+    for name in {k.split(":", 1)[0] for k in cur if ":" in k} - {k for k in cur if ":" not in k}:
+        parts = [d for k, d in deltas.items() if k.startswith(name + ":")]
+        if parts:
+            deltas[name] = sum(parts)
+    return Rates({k: d / dt for k, d in deltas.items()}, deltas, sorted(reset), sorted(new))
+
+
+def _limit(metrics: dict[str, float], log) -> dict[str, float]:
+    """Broker-wide series first, then topics by name, up to what a record holds."""
+    if len(metrics) <= MAX_SERIES:
+        return metrics
+    keys = sorted(metrics, key=lambda k: (":" in k, k))[:MAX_SERIES]
+    log.warning("too many series; topics beyond the limit left out", series=len(metrics), kept=MAX_SERIES)
+    return {k: metrics[k] for k in keys}
+
+
+class MetricsScraper:
+    """Scrapes one endpoint; each scrape_once() after the first returns the rates since the last
+    successful scrape as a BrokerMetricsRecord (None when priming or when the scrape failed)."""
+
+    def __init__(self, url: str, session: requests.Session | None = None, patterns: dict[str, str] | None = None,
+                 topics: str | None = None, timeout: float = 5.0, log=None):
+        self.url = url
+        self.source = safe_url(url)
+        self.session = session or requests.Session()
+        self.patterns = compile_patterns(patterns)
+        self.topics = re.compile(topics) if topics else None
+        self.timeout = timeout
+        self.log = log or get_logger(service="metrics-scraper")
+        self.prev: dict[str, float] | None = None
+        self.prev_t: float | None = None  # monotonic time of the previous good scrape
+        self.failures = 0
+
+    def fetch(self) -> tuple[str, float, float]:
+        """The exposition text, and the monotonic and wall-clock times of the read (the middle of the request)."""
+        wall0, mono0 = time.time(), time.monotonic()
+        resp = self.session.get(self.url, timeout=self.timeout, headers={"Accept": ACCEPT})
+        mono1 = time.monotonic()
+        resp.raise_for_status()
+        return resp.text, (mono0 + mono1) / 2, wall0 + (mono1 - mono0) / 2
+
+    def scrape_once(self) -> BrokerMetricsRecord | None:
+        try:
+            text, t, wall = self.fetch()
+            cur = read_counters(text, self.patterns, self.topics)
+            if not cur:
+                raise ValueError("no broker metric in the response (is this a Kafka JMX exporter?)")
+        except Exception as exc:  # down, HTTP error, not the exposition format: try again next tick
+            self.failures += 1
+            self.log.warning("scrape failed", url=self.source, error=_scrub(f"{type(exc).__name__}: {exc}", self.url),
+                             failures=self.failures)
+            return None
+        prev, prev_t = self.prev, self.prev_t
+        self.prev, self.prev_t = cur, t
+        if prev is None:
+            self.log.info("primed", url=self.source, series=len(cur))
+            return None
+        result = rates(prev, cur, t - prev_t)
+        if result.reset:
+            self.log.warning("counter went down (broker restart?): no rate this interval", series=result.reset)
+        if result.new:
+            self.log.info("new series: rates from the next interval on", series=result.new)
+        return BrokerMetricsRecord(source=self.source, timestamp=datetime.fromtimestamp(wall, timezone.utc),
+                                   interval_s=t - prev_t, metrics=_limit(result.values, self.log))
+
+
+class Ticker:
+    """Ticks at start + k·interval on the monotonic clock (no drift); ticks already past are skipped."""
+
+    def __init__(self, interval: float, stop: threading.Event, log=None):
+        self.interval = interval
+        self.stop = stop
+        self.log = log or get_logger(service="metrics-scraper")
+        self.next = time.monotonic()
+
+    def wait(self) -> bool:
+        """Sleep until the next tick; False once stop is set."""
+        now = time.monotonic()
+        late = now - self.next
+        if late >= self.interval:
+            skipped = int(late // self.interval)
+            self.next += skipped * self.interval
+            self.log.warning("scrape behind schedule: ticks skipped", skipped=skipped)
+        if self.stop.wait(max(0.0, self.next - now)):
+            return False
+        self.next += self.interval
+        return not self.stop.is_set()
+
+
+class RecordPublisher:
+    """Writes BrokerMetricsRecords to settings.topic_kafka_metrics, keyed by their source."""
+
+    def __init__(self, settings: Settings, log=None):
+        self.topic = settings.topic_kafka_metrics
+        self.log = log or get_logger(service="metrics-scraper")
+        ensure_topics(settings, {self.topic: settings.partitions_kafka_metrics})
+        self.producer = make_producer(settings)
+        self.tracker = DeliveryTracker()
+
+    def publish(self, record: BrokerMetricsRecord) -> None:
+        produce(self.producer, self.topic, record.model_dump_json().encode(), record.source.encode(),
+                on_delivery=self.tracker)
+        self.producer.poll(0)
+        if self.tracker.errors:
+            errors, self.tracker.errors = self.tracker.errors, []
+            self.log.error("records not delivered", count=len(errors), errors=errors[:3])
+
+    def close(self, timeout: float = 30) -> int:
+        """Flush; returns the number of records the broker acknowledged."""
+        self.tracker.flush(self.producer, timeout)
+        return self.tracker.delivered
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    def on_signal(_sig, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings()
+    parser = argparse.ArgumentParser(prog="anomstream scrape", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default=settings.metrics_exporter_url, help="the exporter's metrics endpoint")
+    parser.add_argument("--interval", type=float, default=settings.scrape_interval_s, help="seconds between scrapes")
+    parser.add_argument("--count", type=int, default=None, help="stop after this many records")
+    parser.add_argument("--metric", action="append", default=[], metavar="NAME=REGEX",
+                        help="select/rename a counter by sample-name regex (repeatable; replaces the defaults)")
+    parser.add_argument("--topics", default=None, metavar="REGEX", help="keep per-topic series of these topics only")
+    args = parser.parse_args(argv)
+    if args.interval <= 0:
+        parser.error("--interval must be > 0")
+    patterns = None
+    if args.metric:
+        try:
+            patterns = dict(m.split("=", 1) for m in args.metric)
+            compile_patterns(patterns)
+        except (ValueError, re.error) as exc:
+            parser.error(f"--metric NAME=REGEX: {exc}")
+    log = setup_logging(settings, "metrics-scraper")
+    stop = threading.Event()
+    stop_on_signals(stop)
+    scraper = MetricsScraper(args.url, patterns=patterns, topics=args.topics,
+                             timeout=min(max(args.interval, 1.0), 10.0), log=log)
+    publisher = RecordPublisher(settings, log)
+    log.info("scraping", url=scraper.source, interval_s=args.interval, topic=publisher.topic)
+    published = 0
+    ticker = Ticker(args.interval, stop, log)
+    try:
+        while (args.count is None or published < args.count) and ticker.wait():
+            record = scraper.scrape_once()
+            if record is not None:
+                publisher.publish(record)
+                published += 1
+    finally:
+        try:
+            delivered = publisher.close()
+        except KafkaException as exc:
+            log.error("records not acknowledged", error=str(exc), published=published)
+            return 1
+        log.info("scraper stopped", published=published, delivered=delivered, failed_scrapes=scraper.failures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The Docker files: docker/docker-compose.yml must resolve with a real compose implementation
+(`docker compose config`, no engine needed), and docker/Dockerfile must install the project and
+run as a non-root user."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker" / "docker-compose.yml"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+SERVICES = {"kafka", "trainer", "detector", "logdetector", "rules", "alerter", "scraper", "producer", "log-producer"}
+
+INSTALL_HINT = (
+    "no Docker Compose implementation found: neither `docker compose version` nor `docker-compose` "
+    "works. Install one, e.g. on Debian/Ubuntu: `apt-get update && apt-get install -y docker-compose` "
+    "(or the Docker Compose v2 plugin, `docker-compose-plugin`, from Docker's own apt repository)."
+)
+
+
+def _works(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def find_compose() -> list[str] | None:
+    """`docker compose` (v2 plugin) if it works, else a `docker-compose` on PATH, else None."""
+    if shutil.which("docker") and _works(["docker", "compose", "version"]):
+        return ["docker", "compose"]
+    if shutil.which("docker-compose") and _works(["docker-compose", "version"]):
+        return ["docker-compose"]
+    return None
+
+
+def _compose_env() -> dict[str, str]:
+    """The caller's environment less the variables that would change what is resolved."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANOMSTREAM_", "COMPOSE_"))}
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    return env
+
+
+def _env_mapping(env) -> dict[str, str]:
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in (env or {}).items()}
+
+
+def resolved_config(compose: list[str]) -> tuple[set[str], dict[str, str]]:
+    """(service names, detector's environment) as the compose implementation resolves them."""
+    base = [*compose, "-f", str(COMPOSE_FILE), "config"]
+    run = dict(capture_output=True, text=True, timeout=120, env=_compose_env(), cwd=REPO)
+
+    # compose v2 prints JSON on request; v1 knows no --format (and prints its usage instead).
+    result = subprocess.run([*base, "--format", "json"], **run)
+    if result.returncode == 0 and result.stdout.lstrip().startswith("{"):
+        config = json.loads(result.stdout)
+        return set(config["services"]), _env_mapping(config["services"]["detector"].get("environment"))
+
+    result = subprocess.run(base, **run)  # compose v1: YAML only
+    assert result.returncode == 0, (
+        f"`{' '.join(base)}` exited {result.returncode}:\n{result.stderr}\n{result.stdout}"
+    )
+    config = yaml.safe_load(result.stdout)
+    return set(config["services"]), _env_mapping(config["services"]["detector"].get("environment"))
+
+
+def test_compose_file_resolves():
+    compose = find_compose()
+    if compose is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    services, detector_env = resolved_config(compose)
+    assert SERVICES <= services, f"missing services: {sorted(SERVICES - services)}"
+    assert detector_env.get("ANOMSTREAM_BOOTSTRAP_SERVERS") == "kafka:9092", detector_env
+
+
+def test_dockerfile_installs_project_as_non_root():
+    text = DOCKERFILE.read_text()
+    # Join continuation lines so each instruction is one line.
+    instructions = [
+        line.strip() for line in re.sub(r"\\\n", " ", text).splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert instructions[0].upper().startswith("FROM PYTHON:3.11-SLIM"), instructions[0]
+    runs = " ".join(i for i in instructions if i.upper().startswith("RUN "))
+    assert re.search(r"\bpip install\b[^&;]*\s(\.|/\S+)(\s|$)", runs), "the project is not pip-installed"
+    assert "[test]" not in runs, "test extras must not be installed in the image"
+    users = [i.split(None, 1)[1].strip() for i in instructions if i.upper().startswith("USER ")]
+    assert users, "no USER instruction: the image would run as root"
+    assert users[-1].split(":")[0] not in ("root", "0"), f"final USER is root: {users[-1]}"
+    assert any(i.upper().startswith("CMD") for i in instructions), "no default CMD"
+    assert not re.search(r"\b(openjdk|default-jre|default-jdk|temurin)\b", text, re.I), "no Java in the image"
+
+
+def test_kafka_image_runs_the_same_jmx_exporter_as_the_local_broker():
+    pom = (REPO / "broker" / "pom.xml").read_text()
+    pom_version = re.search(r"<jmx.exporter.version>([^<]+)<", pom).group(1)
+    kafka_image = (REPO / "docker" / "Dockerfile.kafka").read_text()
+    assert re.search(rf"ARG JMX_EXPORTER_VERSION={re.escape(pom_version)}\n", kafka_image)
+    assert "-javaagent:/opt/jmx/jmx_prometheus_javaagent.jar=7071:/opt/jmx/jmx-exporter.yaml" in kafka_image
+    scraper = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["scraper"]
+    assert scraper["environment"]["ANOMSTREAM_METRICS_EXPORTER_URL"] == "http://kafka:7071/metrics"

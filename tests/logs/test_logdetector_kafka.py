@@ -1,0 +1,142 @@
+"""The log detector service on the real broker: raw HDFS lines in `logs`, one session with an
+event out of its order, and that session (only) reaches the Slack test server; bad messages are
+dead-lettered with the reason; a restart in the middle of the replay resumes the open sessions
+from the checkpoint (no false alert for a session cut in two, nothing scored twice)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import KafkaException
+from helpers import HDFS_DIR, as_settings, wait_until
+from slack_server import VALID_TOKEN, SlackTestServer
+
+from models.logs.next_event import NextEventDetector
+from models.logs.render import render_sessions
+from models.logs.sessions import read_sessions_csv
+from shared.kafka import (
+    committed_offsets,
+    end_offsets,
+    ensure_topics,
+    make_producer,
+    read_topic,
+)
+from shared.schemas import LogSessionRecord, anomaly_record_adapter
+
+BAD = [
+    (b"\xff\xfe not text", "UTF-8"),
+    (b"", "empty log line"),
+    (b"081112 000000 1 INFO a: one blk_1\n081112 000000 1 INFO a: two blk_1", "one log line"),
+    (orjson.dumps({"message": "Receiving block blk_5 src: /1.2.3.4:1 dest: /1.2.3.5:2", "host": "dn1"}),
+     "Extra inputs"),
+    (orjson.dumps({"message": 42}), "valid string"),
+    (b"x" * 20_000, "exceeds"),
+]
+
+
+def out_of_order(model: NextEventDetector, session: list[str]) -> list[str]:
+    """The session with one event moved elsewhere such that the model flags it at that event (not
+    only at the session's end), allocateBlock (T05) moved first if that works."""
+    k = model.k
+    moves = [(i, j) for i in range(len(session)) for j in range(len(session)) if i != j]
+    moves.sort(key=lambda m: session[m[0]] != "T05")
+    for i, j in moves:
+        moved = session[:i] + session[i + 1:]
+        moved.insert(j, session[i])
+        if moved != session and model.window_scores([moved])[0][:-1].max() > k:
+            return moved
+    raise AssertionError(f"no single moved event of {session} is outside the top {k}")
+
+
+def committed(settings) -> int:
+    """The log detector group's committed offset of partition 0; -1 while the (fresh) broker's group
+    coordinator is not ready yet."""
+    try:
+        return committed_offsets(settings, settings.logdetector_group, settings.topic_logs, [0])[0]
+    except KafkaException:
+        return -1
+
+
+def model_templates(model_dir) -> dict:
+    return json.loads((Path(model_dir) / "hdfs_logs" / "reference_templates.json").read_text())
+
+
+def send(settings, payloads: list[bytes]) -> None:
+    producer = make_producer(settings)
+    for p in payloads:
+        producer.produce(settings.topic_logs, p)
+    assert producer.flush(30) == 0
+
+
+@pytest.mark.kafka
+def test_logdetector_alerts_the_out_of_order_session_and_resumes_from_checkpoint(pipeline_settings, services,
+                                                                                 model_dir):
+    model = NextEventDetector.load(Path(model_dir) / "hdfs_logs")
+    frame = read_sessions_csv(HDFS_DIR / "hdfs_100k_sessions.csv")
+    normal = frame[(frame["Split"] == "test") & (frame["y"] == 0)].head(150)
+    accepted = normal[~model.predict(list(normal["events"]))].head(60)
+    assert len(accepted) == 60, "the trained model accepts too few normal test sessions"
+    blocks, sessions = list(accepted["BlockId"]), [list(s) for s in accepted["events"]]
+    injected = 30
+    original = sessions[injected]
+    sessions[injected] = out_of_order(model, original)
+    # Interleaved, as in a real log; lines 10 ms apart so no session pauses near the timeout.
+    lines = list(render_sessions(blocks, sessions, seed=3, open_sessions=15, step_s=0.01))
+    payloads = [line.encode() if i % 5 else orjson.dumps({"message": line}) for i, line in enumerate(lines)]
+    half = len(payloads) // 2
+
+    with SlackTestServer() as slack:
+        overrides = pipeline_settings | {
+            "slack_bot_token": VALID_TOKEN, "slack_base_url": slack.base_url, "alert_cooldown_s": 0,
+            "log_session_timeout_s": 3600, "log_checkpoint_interval_s": 0.5, "log_max_line_bytes": 16384}
+        settings = as_settings(overrides)
+        ensure_topics(settings)
+        detector = services("logdetector", overrides)
+        alerter = services("alerter", overrides)
+        send(settings, payloads[:half] + [p for p, _ in BAD])
+        first_end = half + len(BAD)
+        wait_until(lambda: committed(settings) >= first_end, 120, "the first half committed", [detector])
+        assert detector.stop() == 0
+        checkpoint = json.loads((Path(settings.log_state_dir) / "hdfs_logs" / "checkpoint.json").read_text())
+        assert checkpoint["offsets"] == {"0": first_end - len(BAD) - 1}  # the last good line absorbed
+        # Every session the first half started is held (none ended: the timeout is an hour away).
+        started = {b for b in blocks if any(b + " " in line or line.endswith(b) for line in lines[:half])}
+        assert {s[0] for s in checkpoint["sessions"]["sessions"]} == started
+        assert 0 < len(started) < 60
+
+        detector = services("logdetector", overrides)
+        send(settings, payloads[half:])
+        total = len(payloads) + len(BAD)
+        wait_until(lambda: committed(settings) >= total, 120, "every line committed", [detector])
+        wait_until(lambda: len(slack.messages) >= 1, 60, "the Slack alert", [alerter])
+        wait_until(lambda: "sessions restored" in detector.log and "checkpoint" in detector.log, 10,
+                   "the restore log line")
+
+        n_anomalies = sum(end_offsets(settings, settings.topic_anomalies).values())
+        anomalies = [anomaly_record_adapter.validate_json(m.value())
+                     for m in read_topic(settings, settings.topic_anomalies, count=n_anomalies)]
+        assert [a.series for a in anomalies] == [blocks[injected]]  # no session cut by the restart alerted
+        rec = anomalies[0]
+        assert isinstance(rec, LogSessionRecord) and rec.kind == "log"
+        # Flagged at the first event outside the top k, with the events before it as the window.
+        moved = sessions[injected]
+        first = int((model.window_scores([moved])[0][:-1] > model.k).argmax())
+        assert (rec.event, rec.window, rec.rank > rec.k) == (moved[first], moved[max(0, first - 10):first], True)
+        assert blocks[injected] in rec.line and rec.source_topic == settings.topic_logs
+        assert rec.template in model_templates(model_dir).values()
+
+        wait_until(lambda: len(slack.messages) >= 1, 30, "the alert")
+        assert len(slack.messages) == 1
+        posted = slack.messages[0]
+        assert blocks[injected] in posted["text"] and "Log anomaly" in posted["text"]
+
+        dead = list(read_topic(settings, settings.topic_dead_letter, {0: 0}, len(BAD)))
+        assert len(dead) == len(BAD)
+        for msg, (payload, reason) in zip(dead, BAD):
+            headers = dict(msg.headers())
+            assert msg.value() == payload
+            assert reason in headers["dlq.error"].decode(), headers["dlq.error"]
+            assert headers["dlq.service"] == b"logdetector"
