@@ -43,4 +43,4 @@ docker-config:  # the compose v2 plugin if present, else Debian's docker-compose
 
 clean:
 	-$(BIN)/anomstream kafka down
-	rm -rf .cache models/artifacts evaluation_results
+	rm -rf .anomstream .cache models/artifacts evaluation_results

@@ -12,10 +12,12 @@ import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.metrics.features import FeatureBatch
+if TYPE_CHECKING:  # annotations only: the protocol does not depend on one feature's batches
+    from models.metrics.features import FeatureBatch
 
 
 class ArtifactError(RuntimeError):

@@ -2,39 +2,47 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 
+import click
+
+from shared.cli import LazyGroup, run_command
+
+# name -> ("module:click command", one-line help). A command's module is imported only when that
+# command runs or shows its help, so `anomstream --help` stays fast and loads no model library.
 COMMANDS = {
-    "kafka": ("shared.local_broker", "start/stop the local single-node Kafka broker"),
-    "train": ("services.jobs.train", "train the model sets"),
-    "produce": ("services.producer.service", "replay CSVs or generate synthetic transactions into Kafka"),
-    "detect": ("services.detector.service", "run the detector workers"),
-    "logdetect": ("services.logdetector.service", "run the log detector (raw lines of `logs` -> anomalous sessions)"),
-    "alert": ("services.alerter.service", "post anomalies to Slack"),
-    "scrape": ("services.scraper.service", "publish a broker's metrics (JMX exporter) as rates to kafka_metrics"),
-    "scenario": ("services.jobs.scenario", "scenario NAME: kafka-load records a labelled broker-metrics CSV"),
-    "run": ("services.jobs.run", "the whole pipeline end to end on the local broker"),
-    "bench": ("services.jobs.bench", "throughput and latency benchmark"),
-    "evaluate": ("services.jobs.evaluate", "detection quality on labelled NAB-layout data"),
-    "logs": ("services.jobs.logs", "log anomaly detection: parse, evaluate"),
-    "compare": ("services.jobs.compare", "warm-started Real-Time K-Means vs cold-start streaming K-Means"),
-    "runs": ("services.jobs.rule_history:runs_main", "recent checks of a detector definition, from the run history"),
-    "chart": ("services.jobs.rule_history:chart_main", "PNG chart of a detector definition's checks"),
+    "kafka": ("shared.local_broker:command", "start/stop the local single-node Kafka broker"),
+    "train": ("services.jobs.train:command", "train the model sets"),
+    "produce": ("services.producer.service:command", "replay CSVs or generate synthetic transactions into Kafka"),
+    "detect": ("services.detector.service:command", "run the detector workers"),
+    "logdetect": ("services.logdetector.service:command",
+                  "run the log detector (raw lines of `logs` -> anomalous sessions)"),
+    "alert": ("services.alerter.service:command", "post anomalies to Slack"),
+    "rules": ("services.rules.service:command", "run the detector definitions (rules/*.yaml)"),
+    "scrape": ("services.scraper.service:command",
+               "publish a broker's metrics (JMX exporter) as rates to kafka_metrics"),
+    "scenario": ("services.jobs.scenario:command", "scenario NAME: kafka-load records a labelled broker-metrics CSV"),
+    "run": ("services.jobs.run:command", "the whole pipeline end to end on the local broker"),
+    "bench": ("services.jobs.bench:command", "throughput and latency benchmark"),
+    "evaluate": ("services.jobs.evaluate:command", "detection quality on labelled NAB-layout data"),
+    "logs": ("services.jobs.logs:command", "log anomaly detection: parse, evaluate, train, render"),
+    "compare": ("services.jobs.compare:command", "warm-started Real-Time K-Means vs cold-start streaming K-Means"),
+    "runs": ("services.jobs.rule_history:runs_command", "recent checks of a detector definition, from the run history"),
+    "chart": ("services.jobs.rule_history:chart_command", "PNG chart of a detector definition's checks"),
 }
 
 
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="anomstream", prog_name="anomstream", message="%(prog)s %(version)s")
+def cli() -> None:
+    """anomstream: real-time anomaly detection on Kafka, one sub-command per service or task.
+
+    Settings come from ANOMSTREAM_* environment variables (and .env); `anomstream COMMAND --help`
+    shows a command's options."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: anomstream COMMAND [options]\n\ncommands:")
-        for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:<10} {help_text}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    # "package.module" runs its main(); "package.module:function" runs that function.
-    module_name, _, function = COMMANDS[argv[0]][0].partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, function or "main")(argv[1:]) or 0
+    return run_command(cli, argv, "anomstream")
 
 
 if __name__ == "__main__":

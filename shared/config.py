@@ -6,11 +6,30 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 ENV_PREFIX = "ANOMSTREAM_"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+HOME_DIRNAME = ".anomstream"  # the data directory's name when ANOMSTREAM_HOME is not set
+
+
+def default_home() -> Path:
+    """`.anomstream` in the current directory (where the command runs), absolute."""
+    return Path.cwd() / HOME_DIRNAME
+
+
+class _HomeOnly(BaseSettings):
+    """ANOMSTREAM_HOME alone (environment, then `.env`), without validating any other setting."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
+    home: Path | None = None
+
+
+def anomstream_home() -> Path:
+    """The data directory (ANOMSTREAM_HOME, else ./.anomstream) for code that must not load every
+    setting, e.g. the local broker's jar cache; Settings.home is the same folder."""
+    home = _HomeOnly().home
+    return (home.expanduser() if home else default_home()).absolute()
 
 
 class Settings(BaseSettings):
@@ -18,6 +37,11 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", validate_default=True,
         populate_by_name=True,
     )
+
+    # --- Data directory: trained models, checkpoints, run history and caches all default to
+    # folders under it (ANOMSTREAM_HOME; default ./.anomstream, resolved when the settings are
+    # created). A path set on its own (e.g. ANOMSTREAM_MODEL_DIR) still wins.
+    home: Path = Field(default_factory=default_home)
 
     # --- Kafka connection. KAFKA_BOOTSTRAP_SERVERS is honoured as-is because it is the name
     # operators already export; setting it also means "use that cluster, start no local broker".
@@ -60,18 +84,20 @@ class Settings(BaseSettings):
     batch_size: int = Field(5000, ge=1, le=100_000)
     poll_timeout_s: float = Field(0.1, gt=0, le=60)
     max_message_bytes: int = Field(64 * 1024, ge=64)
-    model_dir: Path = REPO_ROOT / "models" / "artifacts"
-    # Labelled reference data beside the repository (../shared/data), for training and replay.
-    data_dir: Path = REPO_ROOT.parent / "shared" / "data"
+    model_dir: Path | None = None  # default: <home>/models
+    # Labelled reference data beside the repository (../shared/data when run from the repo root,
+    # as `make` and the tests do), for training and replay.
+    data_dir: Path = Field(default_factory=lambda: Path.cwd().parent / "shared" / "data")
     # The trained model set (`anomstream train --name`) that scores each input topic.
     model_input: str = "ec2_cpu"
     model_transactions: str = "transactions"
     # The Real-Time K-Means model (`anomstream train-kmeans`) that scores topic_kafka_metrics;
     # its streaming state (centers, counts) is checkpointed under kmeans_state_dir.
     model_kafka_metrics: str = "kafka_kmeans"
-    kmeans_state_dir: Path = REPO_ROOT / ".cache" / "kmeans"
+    kmeans_state_dir: Path | None = None  # default: <home>/state/kmeans
     # The recorded broker-metrics scenario it is trained on (its first 40% is the history).
-    kmeans_training_data: Path = REPO_ROOT / "models" / "kmeans" / "data" / "kafka_load.csv"
+    # Default (None): the recording shipped as package data, models.kmeans.RECORDING.
+    kmeans_training_data: Path | None = None
     combine: Literal["or", "and", "majority"] = "or"
     # Outputs whose flags decide (JSON list, e.g. '["isolation_forest","lstm_autoencoder"]' for the
     # seed's IF-or-LSTM); default: the model set's own decision, chosen by NAB score.
@@ -80,7 +106,7 @@ class Settings(BaseSettings):
     # --- Log detector service (raw lines of topic_logs -> templates -> sessions -> next-event model)
     logdetector_group: str = "anomstream-logdetector"
     model_logs: str = "hdfs_logs"  # `anomstream logs train` writes it under model_dir
-    log_state_dir: Path = REPO_ROOT / ".cache" / "logs" / "stream"  # drain3 state + session checkpoint
+    log_state_dir: Path | None = None  # drain3 state + session checkpoint; default: <home>/state/logs
     log_session_key: str = r"blk_-?\d+"  # regex of a session key in a line (default: HDFS block id)
     log_session_timeout_s: float = Field(300.0, gt=0)  # event time without a line that ends a session
     log_terminal_events: list[str] = []  # event ids that end a session at once
@@ -98,13 +124,14 @@ class Settings(BaseSettings):
     alert_cooldown_s: float = Field(300.0, ge=0)
 
     # --- Rules service (detector definitions: rules/*.yaml)
-    rules_dir: Path = REPO_ROOT / "rules"
+    rules_dir: Path = Field(default_factory=lambda: Path.cwd() / "rules")
     rules_group: str = "anomstream-rules"
     environment: str = "prod"  # a definition runs where its `environment` list names this
     rules_allowed_lateness_s: float = Field(60.0, ge=0)  # a definition's allowed_lateness overrides it
     rules_idle_partition_s: float = Field(10.0, gt=0)  # a partition silent this long stops holding the watermark
     # Run history of every check (models.rules.run_history): SQLite file, or postgresql+psycopg://...
-    rules_db_url: str = f"sqlite:///{REPO_ROOT / '.cache' / 'rules' / 'history.db'}"
+    # Default: sqlite:///<home>/state/rules_history.db
+    rules_db_url: str | None = None
 
     # --- Broker metrics scraper (Prometheus JMX exporter endpoint of a broker)
     metrics_exporter_url: str = "http://127.0.0.1:7071/metrics"
@@ -113,6 +140,19 @@ class Settings(BaseSettings):
     # --- Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+
+    @model_validator(mode="after")
+    def _paths_under_home(self) -> Settings:
+        self.home = self.home.expanduser().absolute()
+        if self.model_dir is None:
+            self.model_dir = self.home / "models"
+        if self.kmeans_state_dir is None:
+            self.kmeans_state_dir = self.home / "state" / "kmeans"
+        if self.log_state_dir is None:
+            self.log_state_dir = self.home / "state" / "logs"
+        if self.rules_db_url is None:
+            self.rules_db_url = f"sqlite:///{self.home / 'state' / 'rules_history.db'}"
+        return self
 
     def topic_models(self) -> dict[str, str]:
         return {self.topic_input: self.model_input, self.topic_transactions: self.model_transactions}

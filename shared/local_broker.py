@@ -7,7 +7,6 @@ it from another process.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import os
 import shutil
@@ -19,16 +18,28 @@ import time
 import uuid
 from pathlib import Path
 
-from shared.config import REPO_ROOT
+import click
 
-POM = REPO_ROOT / "broker" / "pom.xml"
-LOG4J = REPO_ROOT / "broker" / "log4j2.yaml"
-CACHE = REPO_ROOT / ".cache" / "kafka"
-DEFAULT_DATA = CACHE / "data"
+from shared.cli import CONTEXT, PATH, run_command
+from shared.config import anomstream_home
 
+# A developer tool that runs from a checkout: its Maven project and broker configuration are the
+# repository's broker/ folder (beside this package), not package data.
+BROKER_FILES = Path(__file__).resolve().parent.parent / "broker"
+POM = BROKER_FILES / "pom.xml"
+LOG4J = BROKER_FILES / "log4j2.yaml"
+JMX_CONFIG = BROKER_FILES / "jmx-exporter.yaml"
 
 AGENT_ARTIFACT = "jmx_prometheus_javaagent"
-JMX_CONFIG = REPO_ROOT / "broker" / "jmx-exporter.yaml"
+
+
+def cache_dir() -> Path:
+    """The jars, the JMX agent and the default broker data: <ANOMSTREAM_HOME>/kafka."""
+    return anomstream_home() / "kafka"
+
+
+def default_data_dir() -> Path:
+    return cache_dir() / "data"
 
 
 def _copy_dependencies(out: Path, *flags: str) -> None:
@@ -42,15 +53,19 @@ def _copy_dependencies(out: Path, *flags: str) -> None:
     )
 
 
-def fetch_jars(libs: Path = CACHE / "libs") -> Path:
-    """The broker's classpath (every jar of broker/pom.xml but the java agent)."""
+def fetch_jars(libs: Path | None = None) -> Path:
+    """The broker's classpath (every jar of broker/pom.xml but the java agent; default folder:
+    <ANOMSTREAM_HOME>/kafka/libs)."""
+    libs = libs or cache_dir() / "libs"
     if not any(libs.glob("kafka_2.13-*.jar")):
         _copy_dependencies(libs, f"-DexcludeArtifactIds={AGENT_ARTIFACT}")
     return libs
 
 
-def fetch_jmx_agent(agent_dir: Path = CACHE / "agent") -> Path:
-    """The Prometheus JMX exporter java agent jar, kept off the broker's classpath."""
+def fetch_jmx_agent(agent_dir: Path | None = None) -> Path:
+    """The Prometheus JMX exporter java agent jar, kept off the broker's classpath (default folder:
+    <ANOMSTREAM_HOME>/kafka/agent)."""
+    agent_dir = agent_dir or cache_dir() / "agent"
     jars = sorted(agent_dir.glob(f"{AGENT_ARTIFACT}-*.jar"))
     if not jars:
         _copy_dependencies(agent_dir, f"-DincludeArtifactIds={AGENT_ARTIFACT}")
@@ -73,9 +88,9 @@ def port_open(port: int) -> bool:
 
 
 class LocalBroker:
-    def __init__(self, data_dir: Path = DEFAULT_DATA, port: int = 9092, controller_port: int | None = None,
+    def __init__(self, data_dir: Path | None = None, port: int = 9092, controller_port: int | None = None,
                  heap: str = "768m", java_agent: str | None = None, jmx_port: int | None = None):
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.port = port
         self.controller_port = controller_port or port + 1
         self.heap = heap
@@ -214,31 +229,30 @@ class LocalBroker:
         return self.metrics_url_file.read_text().strip() or None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream kafka", description="local single-node Kafka broker")
-    parser.add_argument("action", choices=["up", "down", "status", "fetch"])
-    parser.add_argument("--port", type=int, default=9092)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--jmx-port", type=int, default=7071,
-                        help="up: serve the broker's metrics (Prometheus JMX exporter agent) on this port")
-    parser.add_argument("--no-jmx", action="store_true", help="up: start the broker without the exporter")
-    args = parser.parse_args(argv)
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and args.action in ("up", "down"):
+@click.command("kafka", help="local single-node Kafka broker", context_settings=CONTEXT)
+@click.argument("action", type=click.Choice(["up", "down", "status", "fetch"]))
+@click.option("--port", type=int, default=9092, show_default=True)
+@click.option("--data-dir", type=PATH, default=None, help="default: <ANOMSTREAM_HOME>/kafka/data")
+@click.option("--jmx-port", type=int, default=7071, show_default=True,
+              help="up: serve the broker's metrics (Prometheus JMX exporter agent) on this port")
+@click.option("--no-jmx", is_flag=True, help="up: start the broker without the exporter")
+def command(action: str, port: int, data_dir: Path | None, jmx_port: int, no_jmx: bool) -> int:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and action in ("up", "down"):
         print(f"KAFKA_BOOTSTRAP_SERVERS={os.environ['KAFKA_BOOTSTRAP_SERVERS']}: using that cluster, "
               "no local broker started or stopped")
         return 0
-    broker = LocalBroker(args.data_dir, args.port, jmx_port=None if args.no_jmx else args.jmx_port)
-    if args.action == "fetch":
+    broker = LocalBroker(data_dir, port, jmx_port=None if no_jmx else jmx_port)
+    if action == "fetch":
         print(fetch_jars())
         print(fetch_jmx_agent())
-    elif args.action == "up":
+    elif action == "up":
         already = broker.running_pid() is not None
         broker.start()
         metrics = broker.running_metrics_url()
         print(f"kafka broker {'already running' if already else 'ready'} on {broker.bootstrap} "
               f"(pid {broker.running_pid()}, log {broker.log_file}); "
               + (f"metrics on {metrics}" if metrics else "no metrics exporter"))
-    elif args.action == "down":
+    elif action == "down":
         broker.stop()
         print("kafka broker stopped")
     else:
@@ -248,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
               if pid else "not running")
         return 0 if pid else 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream kafka")
 
 
 if __name__ == "__main__":

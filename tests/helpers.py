@@ -13,7 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from models.metrics.features import read_series_csv
-from shared.config import REPO_ROOT, Settings, load_settings
+from shared.config import Settings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout the tests run from
 
 NAB_DIR = REPO_ROOT.parent / "shared" / "data" / "nab_ec2" / "data" / "realAWSCloudwatch"
 SERIES_24AE8D = NAB_DIR / "ec2_cpu_utilization_24ae8d.csv"

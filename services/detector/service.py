@@ -1,162 +1,95 @@
 """detector: worker processes in one consumer group score every message of the input topics.
 
-Per batch: consume -> validate (bad ones to dead_letter with the reason) -> score with the model set
-of the message's topic -> one record per input to `scores`, anomalies also to `anomalies` -> wait
-until the broker acknowledged all of it -> commit the batch's offsets. A crash anywhere before the
-commit means the batch is consumed again (at-least-once, never a gap).
+Each worker runs the stream core (shared.stream) with a `DetectorProcessor`: validate (bad ones to
+dead_letter with the reason) -> score with the model set of the message's topic -> one ScoreRecord
+per input to `scores`, anomalies also to `anomalies`; `kafka_metrics` scrapes are scored by the
+Real-Time K-Means, whose state is checkpointed before the commit. The core commits a batch's
+offsets only after the broker acknowledged all of it: a crash anywhere before the commit means the
+batch is consumed again (at-least-once, never a gap).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import multiprocessing as mp
 import signal
 import sys
 import time
-from collections import defaultdict
-from datetime import datetime, timezone
+from collections import Counter, defaultdict
 
-import orjson
-from confluent_kafka import KafkaException, TopicPartition
+import click
 
 from models.base import ArtifactError
 from shared.app_logging import setup_logging
+from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
-from shared.kafka import (
-    REBALANCE_COMMIT_ERRORS,
-    DeliveryTracker,
-    dead_letter,
-    ensure_topics,
-    make_consumer,
-    make_producer,
-    produce,
-    usable,
-)
-from shared.schemas import decode_broker_metrics, decode_metrics, iso_utc
+from shared.kafka import ensure_topics
+from shared.records.kmeans import decode_broker_metrics, encode_cluster_score_record
+from shared.records.metrics import decode_metrics, encode_score_records
+from shared.stream import Output, Processor, Result, StreamLoop
 
 EXIT_CONFIG_ERROR = 2  # a worker that cannot load its models is not restarted
 
 
-def score_records(msgs, decoded, result, model_version: str, decision: list[str]) -> list[tuple[bytes, bytes, bool]]:
-    """(key, JSON value, is_anomaly) for each good message, in the shape of schemas.ScoreRecord."""
-    stamps = iso_utc(decoded.timestamps)
-    detected_at = datetime.now(timezone.utc).isoformat()
-    values = decoded.values.tolist()
-    is_anomaly = result.is_anomaly.tolist()
-    if_flag = result.flags["isolation_forest"].tolist()
-    lstm_flag = result.flags["lstm_autoencoder"].tolist()
-    if_score = result.scores["isolation_forest"].tolist()
-    recon = result.scores["lstm_autoencoder"].tolist()
-    names = list(result.scores)
-    all_scores = [result.scores[n].tolist() for n in names]
-    all_flags = [result.flags[n].tolist() for n in names]
-    out = []
-    for j, i in enumerate(decoded.index):
-        m = msgs[i]
-        series = decoded.series[j]
-        out.append((series.encode(), orjson.dumps({
-            "series": series, "timestamp": stamps[j], "value": values[j],
-            "is_anomaly": is_anomaly[j], "if_anomaly": if_flag[j], "lstm_anomaly": lstm_flag[j],
-            "reconstruction_error": recon[j], "if_score": if_score[j], "model_version": model_version,
-            "source_topic": m.topic(), "source_partition": m.partition(), "source_offset": m.offset(),
-            "source_timestamp_ms": m.timestamp()[1], "detected_at": detected_at,
-            "scores": {n: col[j] for n, col in zip(names, all_scores)},
-            "flags": {n: col[j] for n, col in zip(names, all_flags)},
-            "decision": decision, "kind": "score",
-        }), is_anomaly[j]))
-    return out
+class DetectorProcessor(Processor):
+    """Scores each input topic with its model set, and `kafka_metrics` with the Real-Time K-Means."""
 
+    name = "detector"
 
-def cluster_records(msgs, records, result, model_version: str) -> list[tuple[bytes, bytes, bool]]:
-    """(key, JSON value, is_anomaly) per scored scrape, in the shape of schemas.ClusterScoreRecord."""
-    detected_at = datetime.now(timezone.utc).isoformat()
-    out = []
-    for j, (m, rec) in enumerate(zip(msgs, records)):
-        anomalous = bool(result.flags[j])
-        out.append((rec.source.encode(), orjson.dumps({
-            "kind": "cluster", "series": rec.source, "timestamp": rec.timestamp.isoformat(),
-            "score": float(result.scores[j]), "threshold": float(result.threshold), "is_anomaly": anomalous,
-            "nearest_cluster": int(result.nearest[j]), "deviations": result.deviations[j],
-            "metrics": rec.metrics, "model_version": model_version, "source_topic": m.topic(),
-            "source_partition": m.partition(), "source_offset": m.offset(), "detected_at": detected_at,
-        }), anomalous))
-    return out
-
-
-class Worker:
-    def __init__(self, settings: Settings, worker_id: int, scorers: dict, cluster_scorer=None):
+    def __init__(self, settings: Settings, scorers: dict, cluster_scorer=None, log=None):
         self.settings = settings
         self.scorers = scorers  # topic -> Scorer
         self.cluster = cluster_scorer  # scores settings.topic_kafka_metrics when a K-Means model is trained
         self.reload_cluster = False
-        self.log = setup_logging(settings, "detector").bind(worker=worker_id)
-        self.consumer = make_consumer(settings, settings.consumer_group)
-        self.producer = make_producer(settings)
-        self.tracker = DeliveryTracker()
-        self.stats = defaultdict(int)
-        self.stopping = False
+        self.absorbed: dict[int, int] = {}  # kafka_metrics partition -> last offset the K-Means state absorbed
+        self.log = log
+        self.stats = Counter()
 
-    def process(self, msgs) -> None:
-        s, tracker = self.settings, self.tracker
+    def topics(self) -> list[str]:
+        return list(self.scorers) + ([self.settings.topic_kafka_metrics] if self.cluster is not None else [])
+
+    def process(self, messages: list, now: float) -> Result:
+        result = Result()
         by_topic = defaultdict(list)
-        for m in msgs:
-            if not usable(m, self.log):
-                continue
+        for m in messages:
             by_topic[m.topic()].append(m)
-        absorbed: dict[int, int] = {}
-        for topic, tmsgs in by_topic.items():
-            if self.cluster is not None and topic == s.topic_kafka_metrics:
-                absorbed = self.process_cluster(tmsgs)
-                continue
-            scorer = self.scorers.get(topic)
-            if scorer is None:
-                for m in tmsgs:
-                    dead_letter(self.producer, s, m, f"no model set is configured for topic {topic}", "detector", tracker)
-                self.stats["dead_lettered"] += len(tmsgs)
-                continue
-            decoded = decode_metrics([m.value() for m in tmsgs], s.max_message_bytes)
-            for i, reason in decoded.errors:
-                dead_letter(self.producer, s, tmsgs[i], reason, "detector", tracker)
-                self.log.warning("dead-lettered", topic=topic, partition=tmsgs[i].partition(),
-                                 offset=tmsgs[i].offset(), reason=reason)
-            self.stats["dead_lettered"] += len(decoded.errors)
-            if not decoded.index:
-                continue
-            result = scorer.score(decoded.series, decoded.timestamps, decoded.values)
-            for key, value, anomalous in score_records(tmsgs, decoded, result, scorer.model_set.version, scorer.decision):
-                produce(self.producer, s.topic_scores, value, key, on_delivery=tracker)
-                if anomalous:
-                    produce(self.producer, s.topic_anomalies, value, key, on_delivery=tracker)
-                    self.stats["anomalies"] += 1
-            self.stats["scored"] += len(decoded.index)
-        # Durable first, then commit: flush raises if any output was not acknowledged.
-        tracker.flush(self.producer)
-        if absorbed:  # the K-Means state that includes these scrapes, before their offsets are committed
-            self.cluster.checkpoint(absorbed)
-        offsets = {}
-        for m in msgs:
-            if not m.error():
-                offsets[(m.topic(), m.partition())] = max(offsets.get((m.topic(), m.partition()), -1), m.offset())
-        if offsets:
-            try:
-                self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()],
-                                     asynchronous=False)
-            except KafkaException as exc:
-                if exc.args[0].code() not in REBALANCE_COMMIT_ERRORS:
-                    raise
-                self.log.warning("commit refused by a rebalance; the new owner re-reads the batch",
-                                 error=str(exc.args[0]))
-                self.stats["commits_lost_to_rebalance"] += 1
-        self.stats["consumed"] += len(msgs)
+        for topic, msgs in by_topic.items():
+            if self.cluster is not None and topic == self.settings.topic_kafka_metrics:
+                self.score_scrapes(msgs, result)
+            elif topic in self.scorers:
+                self.score_metrics(topic, msgs, result)
+            else:
+                result.dead_letters += [(m, f"no model set is configured for topic {topic}") for m in msgs]
+        return result
 
-    def process_cluster(self, msgs) -> dict[int, int]:
-        """Score kafka_metrics scrapes with the Real-Time K-Means; returns partition -> last offset
-        its state absorbed (checkpointed by the caller once the outputs are durable)."""
+    def score_metrics(self, topic: str, msgs: list, result: Result) -> None:
+        s, scorer = self.settings, self.scorers[topic]
+        decoded = decode_metrics([m.value() for m in msgs], s.max_message_bytes)
+        result.dead_letters += [(msgs[i], reason) for i, reason in decoded.errors]
+        if not decoded.index:
+            return
+        good = [msgs[i] for i in decoded.index]
+        scored = scorer.score(decoded.series, decoded.timestamps, decoded.values)
+        values = encode_score_records(
+            decoded.series, decoded.timestamps, decoded.values, scored.is_anomaly, scored.scores, scored.flags,
+            scorer.decision, scorer.model_set.version, topic,
+            [(m.partition(), m.offset(), m.timestamp()[1]) for m in good])
+        anomalous = scored.is_anomaly.tolist()
+        for series, value, is_anomaly in zip(decoded.series, values, anomalous):
+            key = series.encode()
+            result.outputs.append(Output(s.topic_scores, value, key))
+            if is_anomaly:
+                result.outputs.append(Output(s.topic_anomalies, value, key))
+        self.stats["scored"] += len(values)
+        self.stats["anomalies"] += sum(anomalous)
+
+    def score_scrapes(self, msgs: list, result: Result) -> None:
+        """Score kafka_metrics scrapes with the Real-Time K-Means; the state that absorbed them is
+        checkpointed (with their offsets) once the outputs are durable."""
         s, scorer = self.settings, self.cluster
         if self.reload_cluster:  # (re)assigned: continue from the newest checkpoint, whoever wrote it
             self.log.info("K-Means state restored", source=scorer.restore(), model=scorer.name)
-            self.reload_cluster = False
+            self.reload_cluster, self.absorbed = False, {}
         good, records = [], []
         for m in msgs:
             if scorer.is_applied(m.partition(), m.offset()):
@@ -166,45 +99,33 @@ class Worker:
                 records.append(decode_broker_metrics(m.value(), s.max_message_bytes))
                 good.append(m)
             except ValueError as exc:
-                dead_letter(self.producer, s, m, str(exc), "detector", self.tracker)
-                self.log.warning("dead-lettered", topic=m.topic(), partition=m.partition(), offset=m.offset(),
-                                 reason=str(exc))
-                self.stats["dead_lettered"] += 1
+                result.dead_letters.append((m, str(exc)))
         if not records:
-            return {}
-        result = scorer.score(records)
-        for key, value, anomalous in cluster_records(good, records, result, scorer.version):
-            produce(self.producer, s.topic_scores, value, key, on_delivery=self.tracker)
+            return
+        scored = scorer.score(records)
+        for j, (m, rec) in enumerate(zip(good, records)):
+            anomalous = bool(scored.flags[j])
+            value = encode_cluster_score_record(
+                rec.source, rec.timestamp, rec.metrics, scored.scores[j], scored.threshold, anomalous,
+                scored.nearest[j], scored.deviations[j], scorer.version, m.topic(), m.partition(), m.offset())
+            result.outputs.append(Output(s.topic_scores, value, rec.source.encode()))
             if anomalous:
-                produce(self.producer, s.topic_anomalies, value, key, on_delivery=self.tracker)
+                result.outputs.append(Output(s.topic_anomalies, value, rec.source.encode()))
                 self.stats["cluster_anomalies"] += 1
+            self.absorbed[m.partition()] = max(self.absorbed.get(m.partition(), -1), m.offset())
         self.stats["cluster_scored"] += len(records)
-        absorbed: dict[int, int] = {}
-        for m in good:
-            absorbed[m.partition()] = max(absorbed.get(m.partition(), -1), m.offset())
-        return absorbed
 
-    def on_assign(self, _consumer, partitions) -> None:
+    def checkpoint(self) -> None:
+        if self.absorbed:  # the K-Means state that includes these scrapes, before their offsets are committed
+            self.cluster.checkpoint(self.absorbed)
+            self.absorbed = {}
+
+    def on_assign(self, partitions) -> None:
         if any(p.topic == self.settings.topic_kafka_metrics for p in partitions):
             self.reload_cluster = True
 
-    def run(self) -> None:
-        s = self.settings
-        topics = list(self.scorers) + ([s.topic_kafka_metrics] if self.cluster is not None else [])
-        self.consumer.subscribe(topics, on_assign=self.on_assign)
-        self.log.info("worker ready", topics=topics, batch_size=s.batch_size)
-        last_report = time.monotonic()
-        try:
-            while not self.stopping:
-                msgs = self.consumer.consume(s.batch_size, s.poll_timeout_s)
-                if msgs:
-                    self.process(msgs)
-                if time.monotonic() - last_report > 10:
-                    self.log.info("progress", **self.stats)
-                    last_report = time.monotonic()
-        finally:
-            self.consumer.close()
-            self.log.info("worker stopped", **self.stats)
+    def progress(self) -> dict:
+        return dict(self.stats)
 
 
 def load_cluster_scorer(settings: Settings, log):
@@ -226,7 +147,7 @@ def load_cluster_scorer(settings: Settings, log):
 def worker_main(settings: Settings, worker_id: int) -> None:
     # Ctrl-C reaches every process in the group; both signals mean "finish the batch, commit, exit".
     stop = {"flag": False}
-    worker: Worker | None = None
+    worker: StreamLoop | None = None
 
     def on_signal(_sig, _frame):
         stop["flag"] = True
@@ -252,8 +173,10 @@ def worker_main(settings: Settings, worker_id: int) -> None:
     # full collection walks ~500k TensorFlow objects (about 30% of a worker's time).
     gc.collect()
     gc.freeze()
-    worker = Worker(settings, worker_id, scorers, cluster_scorer)
+    worker = StreamLoop(settings, DetectorProcessor(settings, scorers, cluster_scorer, log),
+                        settings.consumer_group, log)
     worker.stopping = stop["flag"]
+    log.info("worker ready", topics=worker.processor.topics(), batch_size=settings.batch_size)
     worker.run()
 
 
@@ -305,16 +228,19 @@ def supervise(settings: Settings) -> int:
     return exit_code
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream detect", description=__doc__)
-    parser.add_argument("--workers", type=int, default=None)
-    args = parser.parse_args(argv)
-    settings = load_settings(**({"workers": args.workers} if args.workers else {}))
+@click.command("detect", help=__doc__, context_settings=CONTEXT)
+@click.option("--workers", type=int, default=None, help="worker processes (default: setting ANOMSTREAM_WORKERS)")
+def command(workers: int | None) -> int:
+    settings = load_settings(**({"workers": workers} if workers else {}))
     try:
         return supervise(settings)
     except ArtifactError as exc:
         setup_logging(settings, "detector").error("cannot start", error=str(exc))
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream detect")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ what else runs on it: the bench reports them and asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -37,6 +36,7 @@ import time
 import uuid
 from pathlib import Path
 
+import click
 import numpy as np
 import orjson
 import pandas as pd
@@ -45,7 +45,8 @@ from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicP
 from models.base import ArtifactError
 from models.metrics.features import replay_frame
 from models.metrics.model_set import ModelSet
-from shared.config import REPO_ROOT, Settings, load_settings
+from shared.cli import CONTEXT, PATH, run_command, verbatim
+from shared.config import Settings, anomstream_home, load_settings
 from shared.kafka import (
     DeliveryTracker,
     client_config,
@@ -58,11 +59,19 @@ from shared.kafka import (
     send,
 )
 from shared.local_broker import LocalBroker, free_port
-from shared.schemas import encode_metric_frame
+from shared.records.metrics import encode_metric_frame
 
-RESULTS = REPO_ROOT / "bench_results"
-WORK = REPO_ROOT / ".cache" / "bench"
-BENCH_MODEL_DIR = WORK / "models"  # where missing models are trained when --model-dir is not given
+RESULTS = Path("bench_results")  # in the current directory
+
+
+def work_dir() -> Path:
+    """The bench's logs and quick models: <ANOMSTREAM_HOME>/bench."""
+    return anomstream_home() / "bench"
+
+
+def bench_model_dir() -> Path:
+    """Where missing models are trained when --model-dir is not given."""
+    return work_dir() / "models"
 
 
 def say(text: str) -> None:
@@ -100,7 +109,7 @@ def bench_frame(settings: Settings, n: int, tag: str, min_series: int = 64) -> p
 
 def ensure_models(model_dir: Path, explicit: bool, settings: Settings) -> tuple[Path, bool]:
     """The folder holding both model sets; trains them (2 epochs) when missing. Without an explicit
-    --model-dir, missing models are trained under .cache/bench, not in settings.model_dir, so that
+    --model-dir, missing models are trained under <home>/bench, not in settings.model_dir, so that
     `anomstream run` never picks up these quick models as if they were the real ones."""
     names = (settings.model_input, settings.model_transactions)
 
@@ -108,8 +117,8 @@ def ensure_models(model_dir: Path, explicit: bool, settings: Settings) -> tuple[
         return all((ModelSet.folder(folder, n) / "manifest.json").exists() for n in names)
 
     if not present(model_dir) and not explicit:
-        model_dir = BENCH_MODEL_DIR
-    if model_dir == BENCH_MODEL_DIR:  # the bench's own quick models: retrain any the code no longer reads
+        model_dir = bench_model_dir()
+    if model_dir == bench_model_dir():  # the bench's own quick models: retrain any the code no longer reads
         for n in names:
             try:
                 ModelSet.read_manifest(model_dir, n)
@@ -122,7 +131,7 @@ def ensure_models(model_dir: Path, explicit: bool, settings: Settings) -> tuple[
         say(f"model sets {list(names)} missing in {model_dir}: training them with 2 LSTM epochs "
             "(the bench measures speed, not detection quality)")
         subprocess.run([sys.executable, "-m", "services.jobs.train", "--model-dir", str(model_dir), "--epochs", "2",
-                        "--if-missing"], cwd=REPO_ROOT, check=True, stdout=sys.stderr)
+                        "--if-missing"], check=True, stdout=sys.stderr)
         trained = True
     for n in names:
         ModelSet.read_manifest(model_dir, n)  # raises ArtifactError with the reason if unusable
@@ -141,7 +150,7 @@ class Detector:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_file = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.detector"], cwd=REPO_ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.detector"], env=env,
                                      stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
     def check(self) -> None:
@@ -459,7 +468,7 @@ def backlog_phase(overrides: dict, n: int, tag: str, what: str, timeout: float, 
     load, group joins: seconds on a small machine) and the first-call tracing out of the number."""
     settings = load_settings(**overrides)
     ensure_topics(settings)
-    detector = Detector(overrides, WORK / f"detector_{settings.consumer_group}.log")
+    detector = Detector(overrides, work_dir() / f"detector_{settings.consumer_group}.log")
     detectors.append(detector)
     say(f"{what}: started the detector ({settings.workers} workers, batch size {settings.batch_size}); "
         "waiting for it to warm up")
@@ -537,30 +546,35 @@ def delete_topics(settings_list: list[Settings]) -> None:
         say(f"could not delete the bench topics: {exc}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--msgs", type=int, default=200_000, help="messages for the throughput phase")
-    parser.add_argument("--rate", type=float, default=10_000, help="offered load of the latency phase (msgs/s)")
-    parser.add_argument("--latency-seconds", type=float, default=10, help="measured part of the latency phase")
-    parser.add_argument("--latency-warmup", type=float, default=5,
-                        help="seconds offered at --rate before the latency measurement starts")
-    parser.add_argument("--baseline-msgs", type=int, default=3000, help="messages for the batch-size-1 baseline")
-    parser.add_argument("--workers", type=int, default=None, help="detector workers (default: settings, 3)")
-    parser.add_argument("--batch-size", type=int, default=None, help="detector batch size (default: settings)")
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="model sets to load (default: settings; if missing there, trained in .cache/bench)")
-    parser.add_argument("--timeout", type=float, default=900, help="longest wait for one phase to be scored (s)")
-    args = parser.parse_args(argv)
-    if min(args.msgs, args.baseline_msgs) < 1 or args.rate <= 0 or args.latency_seconds <= 0 or args.latency_warmup < 0:
-        parser.error("--msgs, --baseline-msgs, --rate and --latency-seconds must be positive")
+@click.command("bench", help=verbatim(__doc__), context_settings=CONTEXT)
+@click.option("--msgs", type=int, default=200_000, show_default=True, help="messages for the throughput phase")
+@click.option("--rate", "offered_rate", type=float, default=10_000, show_default=True,
+              help="offered load of the latency phase (msgs/s)")
+@click.option("--latency-seconds", type=float, default=10, show_default=True,
+              help="measured part of the latency phase")
+@click.option("--latency-warmup", type=float, default=5, show_default=True,
+              help="seconds offered at --rate before the latency measurement starts")
+@click.option("--baseline-msgs", type=int, default=3000, show_default=True,
+              help="messages for the batch-size-1 baseline")
+@click.option("--workers", "workers_option", type=int, default=None, help="detector workers (default: settings, 3)")
+@click.option("--batch-size", "batch_size_option", type=int, default=None,
+              help="detector batch size (default: settings)")
+@click.option("--model-dir", "model_dir_option", type=PATH, default=None,
+              help="model sets to load (default: settings; if missing there, trained in <home>/bench)")
+@click.option("--timeout", type=float, default=900, show_default=True,
+              help="longest wait for one phase to be scored (s)")
+def command(msgs: int, offered_rate: float, latency_seconds: float, latency_warmup: float, baseline_msgs: int,
+            workers_option: int | None, batch_size_option: int | None, model_dir_option: Path | None,
+            timeout: float) -> int:
+    if min(msgs, baseline_msgs) < 1 or offered_rate <= 0 or latency_seconds <= 0 or latency_warmup < 0:
+        raise click.UsageError("--msgs, --baseline-msgs, --rate and --latency-seconds must be positive")
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     settings = load_settings()
-    workers = args.workers or settings.workers
-    batch_size = args.batch_size or settings.batch_size
-    WORK.mkdir(parents=True, exist_ok=True)
+    workers = workers_option or settings.workers
+    batch_size = batch_size_option or settings.batch_size
+    work_dir().mkdir(parents=True, exist_ok=True)
     broker: LocalBroker | None = None
     broker_dir: str | None = None
     meter: CpuMeter | None = None
@@ -572,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"load average is {load_start:.2f} as the bench starts: if something else is using the CPU, "
             "the numbers will be lower than on an idle machine")
     try:
-        model_dir, trained = ensure_models(args.model_dir or settings.model_dir, args.model_dir is not None,
+        model_dir, trained = ensure_models(model_dir_option or settings.model_dir, model_dir_option is not None,
                                            settings)
         if external:
             bootstrap = settings.bootstrap_servers
@@ -590,20 +604,20 @@ def main(argv: list[str] | None = None) -> int:
         # Phases 1 and 2: the detector as configured.
         overrides = run_overrides(base, uuid.uuid4().hex[:8], workers, batch_size)
         used.append(load_settings(**overrides))  # its topics are deleted at the end on an external cluster
-        tp, detector, rate = backlog_phase(overrides, args.msgs, "r", "throughput", args.timeout, detectors, meter)
-        latency = latency_phase(tp, detector, args.rate, args.latency_seconds, args.latency_warmup, args.timeout,
+        tp, detector, rate = backlog_phase(overrides, msgs, "r", "throughput", timeout, detectors, meter)
+        latency = latency_phase(tp, detector, offered_rate, latency_seconds, latency_warmup, timeout,
                                 meter)
         detector.stop()
 
         # Phase 3: the reference design, one message per batch.
         overrides = run_overrides(base, uuid.uuid4().hex[:8], workers, 1)
         used.append(load_settings(**overrides))
-        _, detector_b, base_rate = backlog_phase(overrides, args.baseline_msgs, "b", "baseline", args.timeout,
+        _, detector_b, base_rate = backlog_phase(overrides, baseline_msgs, "b", "baseline", timeout,
                                                  detectors, meter)
         detector_b.stop()
 
         result = {
-            "msgs": args.msgs,
+            "msgs": msgs,
             "msgs_per_s": round(rate["msgs_per_s"], 1),
             "p50_ms": latency["p50_ms"],
             "p99_ms": latency["p99_ms"],
@@ -616,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             "throughput_duplicates": rate["duplicates"],
             "input_partitions_per_worker": rate["input_partitions_per_worker"],
             **{k: v for k, v in latency.items() if k not in ("p50_ms", "p99_ms")},
-            "baseline_msgs": args.baseline_msgs,
+            "baseline_msgs": baseline_msgs,
             "baseline_steady_msgs_per_s": round(base_rate["steady_msgs_per_s"], 1),
             "baseline_cpu": base_rate["cpu"],
             "baseline_restarts": base_rate["restarts"],
@@ -661,12 +675,16 @@ def main(argv: list[str] | None = None) -> int:
             say("local Kafka broker stopped")
         if broker_dir:
             try:  # kept for a look after the run: the broker's data folder is removed
-                shutil.copyfile(Path(broker_dir) / "broker.log", WORK / "broker.log")
+                shutil.copyfile(Path(broker_dir) / "broker.log", work_dir() / "broker.log")
             except OSError:
                 pass
             shutil.rmtree(broker_dir, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream bench")
 
 
 if __name__ == "__main__":

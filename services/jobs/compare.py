@@ -9,12 +9,12 @@ scores.png to --out, and prints TPR/TNR/PPV/NPV per model with their spread acro
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import pandas as pd
 
@@ -22,7 +22,7 @@ from models.base import write_json
 from models.kmeans import RECORDING
 from models.kmeans.streaming_kmeans import RealTimeKMeans
 from models.metrics.features import VectorBatch
-from shared.config import REPO_ROOT
+from shared.cli import CONTEXT, PATH, run_command, verbatim
 
 DEFAULT_DATA = RECORDING
 METRICS = ("TPR", "TNR", "PPV", "NPV")
@@ -179,39 +179,42 @@ def write_outputs(report: dict, runs: dict[str, list], live: VectorBatch, truth:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kmeans"])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="labelled scenario CSV")
-    parser.add_argument("--seeds", type=int, default=10, help="number of random seeds (0..N-1)")
-    parser.add_argument("--train-fraction", type=float, default=0.4)
-    parser.add_argument("--mini-batch", type=int, default=10, help="rows per streaming update")
-    parser.add_argument("--half-life", type=float, default=None, help="in mini-batches (default: no forgetting)")
-    parser.add_argument("--spark", choices=["auto", "yes", "no"], default="auto",
-                        help="also run pyspark's StreamingKMeans (auto: when pyspark is installed)")
-    parser.add_argument("--strength", type=float, default=1.0,
-                        help="scale the injected anomalies towards normal (1 = as recorded; see weaken())")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "evaluation_results" / "kmeans")
-    args = parser.parse_args(argv)
+@click.command("compare", help=verbatim(__doc__), context_settings=CONTEXT)
+@click.argument("what", type=click.Choice(["kmeans"]))
+@click.option("--data", type=PATH, default=DEFAULT_DATA, help="labelled scenario CSV (default: the recorded one)")
+@click.option("--seeds", type=int, default=10, show_default=True, help="number of random seeds (0..N-1)")
+@click.option("--train-fraction", type=float, default=0.4, show_default=True)
+@click.option("--mini-batch", type=int, default=10, show_default=True, help="rows per streaming update")
+@click.option("--half-life", type=float, default=None, help="in mini-batches (default: no forgetting)")
+@click.option("--spark", "spark_mode", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="also run pyspark's StreamingKMeans (auto: when pyspark is installed)")
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help="scale the injected anomalies towards normal (1 = as recorded; see weaken())")
+@click.option("--out", type=PATH, default=Path("evaluation_results") / "kmeans", show_default=True)
+def command(what: str, data: Path, seeds: int, train_fraction: float, mini_batch: int, half_life: float | None,
+            spark_mode: str, strength: float, out: Path) -> int:
     from models.kmeans.spark_baseline import spark_available
 
-    spark = args.spark == "yes" or (args.spark == "auto" and spark_available())
-    if args.spark == "yes" and not spark_available():
-        parser.error("pyspark is not installed (pip install 'anomstream[spark]')")
-    frame = pd.read_csv(args.data)
-    if args.strength != 1.0:
-        frame = weaken(frame, args.strength)
-    params = {"mini_batch": args.mini_batch, "half_life": args.half_life}
-    report, runs, live, truth = compare(frame, list(range(args.seeds)), args.train_fraction, spark, params)
-    report["strength"] = args.strength
-    print(f"{args.data}: {report['rows']} rows, trained on {report['train_rows']}, "
+    spark = spark_mode == "yes" or (spark_mode == "auto" and spark_available())
+    if spark_mode == "yes" and not spark_available():
+        raise click.UsageError("pyspark is not installed (pip install 'anomstream[spark]')")
+    frame = pd.read_csv(data)
+    if strength != 1.0:
+        frame = weaken(frame, strength)
+    params = {"mini_batch": mini_batch, "half_life": half_life}
+    report, runs, live, truth = compare(frame, list(range(seeds)), train_fraction, spark, params)
+    report["strength"] = strength
+    print(f"{data}: {report['rows']} rows, trained on {report['train_rows']}, "
           f"scored {report['test_rows']} ({report['test_anomalies']} labelled anomalous), "
           f"{len(report['seeds'])} seeds")
     print(table(report))
-    write_outputs(report, runs, live, truth, frame, args.out)
-    print(f"wrote {args.out}/metrics.json, results.csv, elbow.png, scores.png")
+    write_outputs(report, runs, live, truth, frame, out)
+    print(f"wrote {out}/metrics.json, results.csv, elbow.png, scores.png")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream compare")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ before the one they score.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
@@ -31,6 +31,7 @@ from models.evaluation.nab import (
 from models.metrics.features import read_series_csv
 from models.metrics.model_set import SEED_DECISION
 from shared.app_logging import setup_logging
+from shared.cli import CONTEXT, PATH, run_command
 from shared.config import load_settings
 
 # Ensembles reported beside the single outputs: (outputs, rule).
@@ -94,33 +95,39 @@ def plot_series(path: Path, key: str, frame: pd.DataFrame, windows, probation: i
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+@click.command("evaluate", help=__doc__, context_settings=CONTEXT)
+@click.option("--data-dir", type=PATH, default=None,
+              help="NAB layout: CATEGORY/FILE.csv (default: <data_dir>/nab_ec2/data, setting ANOMSTREAM_DATA_DIR)")
+@click.option("--windows", "windows_path", type=PATH, default=None,
+              help="default: <data_dir>/nab_ec2/labels/combined_windows.json")
+@click.option("--labels", "labels_path", type=PATH, default=None,
+              help="default: <data_dir>/nab_ec2/labels/combined_labels.json")
+@click.option("--out", "out_dir", type=PATH, default=Path("evaluation_results"), show_default=True)
+@click.option("--epochs", type=int, default=50, show_default=True, help="LSTM epochs (on each probation period)")
+def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path | None, out_dir: Path,
+            epochs: int) -> int:
     settings = load_settings()
     default_data = settings.data_dir / "nab_ec2"
-    parser = argparse.ArgumentParser(prog="anomstream evaluate", description=__doc__)
-    parser.add_argument("--data-dir", type=Path, default=default_data / "data", help="NAB layout: CATEGORY/FILE.csv")
-    parser.add_argument("--windows", type=Path, default=default_data / "labels" / "combined_windows.json")
-    parser.add_argument("--labels", type=Path, default=default_data / "labels" / "combined_labels.json")
-    parser.add_argument("--out", type=Path, default=Path("evaluation_results"))
-    parser.add_argument("--epochs", type=int, default=50, help="LSTM epochs (on each probation period)")
-    args = parser.parse_args(argv)
+    data_dir = data_dir or default_data / "data"
+    windows_path = windows_path or default_data / "labels" / "combined_windows.json"
+    labels_path = labels_path or default_data / "labels" / "combined_labels.json"
     log = setup_logging(settings, "evaluate")
 
-    windows = load_windows(args.windows)
-    labels = json.loads(args.labels.read_text()) if args.labels.exists() else {}
-    keys = [k for k in windows if (args.data_dir / k).exists()]
+    windows = load_windows(windows_path)
+    labels = json.loads(labels_path.read_text()) if labels_path.exists() else {}
+    keys = [k for k in windows if (data_dir / k).exists()]
     if not keys:
-        parser.error(f"no series of {args.windows} found under {args.data_dir}")
-    args.out.mkdir(parents=True, exist_ok=True)
+        raise click.UsageError(f"no series of {windows_path} found under {data_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     pooled: dict[str, dict] = {}  # output -> {"alarms": [...], "truth": [...], "nab_flags": {...}, "nab_scores": {...}}
     for key in tqdm(keys, desc="evaluate", unit="series"):
-        frame = read_series_csv(args.data_dir / key)
+        frame = read_series_csv(data_dir / key)
         probation = probation_length(len(frame))
         widx = window_indices(frame["timestamp"], windows[key])
         truth = np.zeros(len(frame), bool)
         for lo, hi in widx:
             truth[lo:hi + 1] = True
-        scores, flags, model_set = score_series(frame, args.epochs)
+        scores, flags, model_set = score_series(frame, epochs)
         scored = np.arange(len(frame)) >= probation
         for name, alarms in flags.items():
             entry = pooled.setdefault(name, {"alarms": [], "truth": [], "window": [], "flags": {}, "scores": {}})
@@ -141,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in flags:
             out[f"{name}_anomaly"] = flags[name]
         stem = Path(key).stem
-        out.to_csv(args.out / f"{stem}.csv", index=False)
-        plot_series(args.out / f"{stem}.png", key, frame, widx, probation, flags,
+        out.to_csv(out_dir / f"{stem}.csv", index=False)
+        plot_series(out_dir / f"{stem}.png", key, frame, widx, probation, flags,
                     ["isolation_forest", "lstm_autoencoder", "combined", "robust_zscore_likelihood",
                      "value_likelihood", "default"])
 
@@ -166,19 +173,23 @@ def main(argv: list[str] | None = None) -> int:
                                                         for p, r in best.items()}
     summary = {
         "series": keys, "labelled_points": sum(len(labels.get(k, [])) for k in keys),
-        "windows": sum(len(windows[k]) for k in keys), "epochs": args.epochs,
+        "windows": sum(len(windows[k]) for k in keys), "epochs": epochs,
         "training": "per series, on its probationary period only (NAB's first 15%)",
         "detectors": metrics,
     }
-    (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     width = max(len(n) for n in metrics)
     print(f"{'detector':<{width}}  point_f1  window_f1 found/missed/false  NAB std  low_fp  low_fn")
     for name, m in sorted(metrics.items(), key=lambda kv: -kv[1]["nab"]["standard"]):
         w, nab = m["window"], m["nab"]
         print(f"{name:<{width}}  {m['f1']:8.3f}  {w['f1']:9.3f} {w['found']:5d}/{w['missed']}/{w['false_alarms']:<6d}"
               f" {nab['standard']:7.1f} {nab['reward_low_fp']:7.1f} {nab['reward_low_fn']:7.1f}")
-    log.info("evaluation written", out=str(args.out), series=len(keys))
+    log.info("evaluation written", out=str(out_dir), series=len(keys))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream evaluate")
 
 
 if __name__ == "__main__":

@@ -21,18 +21,19 @@ log at line 100,000 while the label comes from its whole life.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import pandas as pd
 
 from models.evaluation.metrics import point_metrics
 from models.logs.sessions import read_sessions_csv
 from shared.app_logging import setup_logging
+from shared.cli import CONTEXT, PATH, run_command, verbatim
 from shared.config import load_settings
 
 K_VALUES = list(range(1, 11))
@@ -230,52 +231,53 @@ def given_split(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     return frame.iloc[train_pos], frame.iloc[test_pos], "no Split column: a stratified 80/20 split, seed 0"
 
 
-def main(argv: list[str] | None = None) -> int:
+@click.command("evaluate", help=verbatim(__doc__), context_settings=CONTEXT)
+@click.option("--sessions", type=PATH, default=None,
+              help="sessions CSV: BlockId, Label (Normal/Anomaly), EventSequence, optional Split "
+                   "(default: <data_dir>/hdfs/hdfs_100k_sessions.csv, setting ANOMSTREAM_DATA_DIR)")
+@click.option("--out", type=PATH, default=Path("evaluation_results") / "logs", show_default=True)
+@click.option("--splits", "n_splits", type=int, default=5, show_default=True,
+              help="random stratified 80/20 splits besides the given one")
+@click.option("--epochs", type=int, default=30, show_default=True, help="epochs of the two Keras models")
+@click.option("--quick", is_flag=True, help="no random splits and 5 epochs (smoke test)")
+@click.option("--threads", type=int, default=1, show_default=True, help="TensorFlow threads")
+def command(sessions: Path | None, out: Path, n_splits: int, epochs: int, quick: bool, threads: int) -> int:
     settings = load_settings()
-    parser = argparse.ArgumentParser(prog="anomstream logs evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=Path, default=settings.data_dir / "hdfs" / "hdfs_100k_sessions.csv",
-                        help="sessions CSV: BlockId, Label (Normal/Anomaly), EventSequence, optional Split")
-    parser.add_argument("--out", type=Path, default=Path("evaluation_results") / "logs")
-    parser.add_argument("--splits", type=int, default=5, help="random stratified 80/20 splits besides the given one")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of the two Keras models")
-    parser.add_argument("--quick", action="store_true", help="no random splits and 5 epochs (smoke test)")
-    parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.splits, args.epochs = 0, 5
+    sessions = sessions or settings.data_dir / "hdfs" / "hdfs_100k_sessions.csv"
+    if quick:
+        n_splits, epochs = 0, 5
     log = setup_logging(settings, "logs-evaluate")
 
     from models.metrics.lstm_autoencoder import configure_tensorflow
 
-    configure_tensorflow(args.threads)
+    configure_tensorflow(threads)
     started = time.perf_counter()
-    frame = read_sessions_csv(args.sessions)
+    frame = read_sessions_csv(sessions)
     if frame["y"].nunique() < 2:
-        parser.error(f"{args.sessions} needs both Normal and Anomaly sessions")
+        raise click.UsageError(f"{sessions} needs both Normal and Anomaly sessions")
     train, test, split_source = given_split(frame)
-    given = evaluate_split(train, test, seed=0, epochs=args.epochs, details=True)
+    given = evaluate_split(train, test, seed=0, epochs=epochs, details=True)
     log.info("given split evaluated", seconds=round(time.perf_counter() - started, 1),
              **{n: round(m["f1"], 3) for n, m in given["models"].items()})
 
     splits = []
-    for seed in range(args.splits):
+    for seed in range(n_splits):
         train_pos, test_pos = stratified_split(frame["y"].to_numpy(), seed)
-        splits.append(evaluate_split(frame.iloc[train_pos], frame.iloc[test_pos], seed=seed, epochs=args.epochs))
+        splits.append(evaluate_split(frame.iloc[train_pos], frame.iloc[test_pos], seed=seed, epochs=epochs))
         log.info("random split evaluated", seed=seed, **{n: round(m["f1"], 3) for n, m in splits[-1]["models"].items()})
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     per_session = test[["BlockId", "Label", "NumEvents", "EventSequence"]].copy() if "NumEvents" in test else \
         test[["BlockId", "Label", "EventSequence"]].copy()
     for name, model_scores in given["_scores"].items():
         per_session[f"{name}_score"] = model_scores
         per_session[f"{name}_anomaly"] = given["_models"][name].decide(model_scores)
-    per_session.to_csv(args.out / "sessions_test.csv", index=False)
-    plot_f1_by_k(args.out / "f1_by_k.png", given, splits)
+    per_session.to_csv(out / "sessions_test.csv", index=False)
+    plot_f1_by_k(out / "f1_by_k.png", given, splits)
 
     metrics = {
-        "sessions_csv": str(args.sessions), "sessions": len(frame), "anomalies": int(frame["y"].sum()),
-        "window": 10, "k_values": K_VALUES, "epochs": args.epochs, "unsupervised_model": UNSUPERVISED,
+        "sessions_csv": str(sessions), "sessions": len(frame), "anomalies": int(frame["y"].sum()),
+        "window": 10, "k_values": K_VALUES, "epochs": epochs, "unsupervised_model": UNSUPERVISED,
         "min_probs": MIN_PROBS,
         "protocol": ("each model sees the training split only; the window models are fitted on a stratified 80% "
                      "of it and choose k and min_prob (next_event_lstm) or the threshold (pair_classifier) by F1 "
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                           "per_split": [_public(s) for s in splits]},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
 
     print(f"{'model':<27} {'precision':>9} {'recall':>7} {'F1':>6}  F1 over {len(splits)} random splits     "
           f"separable F1")
@@ -302,8 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<27} {m['precision']:9.3f} {m['recall']:7.3f} {m['f1']:6.3f}  {extra:<30} {sep}")
     ne = given["models"][UNSUPERVISED]
     print(f"next_event_lstm chose k={ne['k']}, min_prob={ne['min_prob']:g} on the validation slice; "
-          f"written to {args.out} in {metrics['seconds']} s")
+          f"written to {out} in {metrics['seconds']} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream logs evaluate")
 
 
 def _json_default(value):

@@ -9,12 +9,12 @@ test figures).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 import time
 from pathlib import Path
 
+import click
 import pandas as pd
 
 from models.base import write_json
@@ -23,6 +23,7 @@ from models.logs.scorer import MANIFEST, REFERENCE_TEMPLATES
 from models.logs.sessions import read_sessions_csv
 from services.jobs.logs_evaluate import choose_next_event, given_split, stratified_split
 from shared.app_logging import setup_logging
+from shared.cli import CONTEXT, PATH, run_command
 from shared.config import load_settings
 
 
@@ -53,37 +54,42 @@ def train_log_model(sessions_csv: Path, templates_csv: Path | None, folder: Path
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
+@click.command("train", help=__doc__, context_settings=CONTEXT)
+@click.option("--sessions", type=PATH, default=None,
+              help="sessions CSV (default: <data_dir>/hdfs/hdfs_100k_sessions.csv, setting ANOMSTREAM_DATA_DIR)")
+@click.option("--templates", type=PATH, default=None,
+              help="CSV of the sessions' event ids and templates (TemplateId or EventId, EventTemplate); "
+                   "default: hdfs_100k_templates.csv for the default sessions, none otherwise (the "
+                   "event ids are then the service's own drain3 ids)")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--model-dir", type=PATH, default=None, help="default: setting ANOMSTREAM_MODEL_DIR")
+@click.option("--name", default=None, help="the model's folder in --model-dir (default: setting ANOMSTREAM_MODEL_LOGS)")
+@click.option("--if-missing", is_flag=True, help="skip when the model exists")
+def command(sessions: Path | None, templates: Path | None, epochs: int, seed: int, model_dir: Path | None,
+            name: str | None, if_missing: bool) -> int:
     settings = load_settings()
     hdfs = settings.data_dir / "hdfs"
-    parser = argparse.ArgumentParser(prog="anomstream logs train", description=__doc__)
-    parser.add_argument("--sessions", type=Path, default=hdfs / "hdfs_100k_sessions.csv")
-    parser.add_argument("--templates", type=Path, default=None,
-                        help="CSV of the sessions' event ids and templates (TemplateId or EventId, EventTemplate); "
-                             "default: hdfs_100k_templates.csv for the default sessions, none otherwise (the "
-                             "event ids are then the service's own drain3 ids)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-dir", type=Path, default=settings.model_dir)
-    parser.add_argument("--name", default=settings.model_logs)
-    parser.add_argument("--if-missing", action="store_true", help="skip when the model exists")
-    args = parser.parse_args(argv)
+    sessions = sessions or hdfs / "hdfs_100k_sessions.csv"
     log = setup_logging(settings, "logs-train")
-    folder = args.model_dir / args.name
-    if args.if_missing and (folder / MANIFEST).exists():
+    folder = (model_dir or settings.model_dir) / (name or settings.model_logs)
+    if if_missing and (folder / MANIFEST).exists():
         log.info("log model exists; skipped", folder=str(folder))
         return 0
-    if not args.sessions.exists():
-        parser.error(f"no such file: {args.sessions}")
-    templates = args.templates
-    if templates is None and args.sessions == hdfs / "hdfs_100k_sessions.csv":
+    if not sessions.exists():
+        raise click.UsageError(f"no such file: {sessions}")
+    if templates is None and sessions == hdfs / "hdfs_100k_sessions.csv":
         templates = hdfs / "hdfs_100k_templates.csv"
-    manifest = train_log_model(args.sessions, templates, folder, args.epochs, args.seed)
+    manifest = train_log_model(sessions, templates, folder, epochs, seed)
     log.info("trained", folder=str(folder), **{k: manifest[k] for k in ("version", "k", "min_prob", "test")})
     t = manifest["test"]
     print(f"{manifest['model']} k={manifest['k']} min_prob={manifest['min_prob']:g} -> {folder}; test split: "
           f"precision {t['precision']:.3f} recall {t['recall']:.3f} F1 {t['f1']:.3f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream logs train")
 
 
 if __name__ == "__main__":

@@ -6,16 +6,17 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from datetime import datetime
 from pathlib import Path
 
+import click
 import numpy as np
 import pandas as pd
 from sqlalchemy.engine import make_url
 
 from models.rules.run_history import RunHistory
+from shared.cli import CONTEXT, PATH, run_command
 
 STATUS = {"fired": "FIRED", "ok": "ok", "no_data": "no data"}
 MAX_GROUPS = 6  # chart without --group: the groups with most checks, one subplot each
@@ -83,22 +84,22 @@ def format_table(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def runs_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream runs", description="recent checks of a detector definition")
-    parser.add_argument("name", help="the definition's name")
-    parser.add_argument("--group", help="only this group key")
-    parser.add_argument("--limit", type=int, default=50, help="checks shown, newest first (default 50)")
-    parser.add_argument("--db", help="run history URL (default: setting ANOMSTREAM_RULES_DB_URL)")
-    args = parser.parse_args(argv)
-    history = _open(args.db)
+@click.command("runs", help="recent checks of a detector definition; NAME: the definition's name",
+               context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--group", help="only this group key")
+@click.option("--limit", type=int, default=50, help="checks shown, newest first (default 50)")
+@click.option("--db", help="run history URL (default: setting ANOMSTREAM_RULES_DB_URL)")
+def runs_command(name: str, group: str | None, limit: int, db: str | None) -> int:
+    history = _open(db)
     if history is None:
         return 1
     try:
-        checks = history.recent(args.name, limit=args.limit, group=args.group)
+        checks = history.recent(name, limit=limit, group=group)
         if not checks:
-            return _no_checks(history, args.name, args.group)
+            return _no_checks(history, name, group)
         # The condition texts of the newest version name the table's [i] columns.
-        print(f"{args.name}: {len(checks)} most recent checks, newest first")
+        print(f"{name}: {len(checks)} most recent checks, newest first")
         for o in checks[0]["conditions"]:
             print(f"  [{o['index']}] {o['text']}")
         print()
@@ -106,6 +107,10 @@ def runs_main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         history.close()
+
+
+def runs_main(argv: list[str] | None = None) -> int:
+    return run_command(runs_command, argv, "anomstream runs")
 
 
 # ---------------------------------------------------------------- chart
@@ -182,25 +187,29 @@ def build_figure(frame: pd.DataFrame, name: str, group: str | None = None, last:
     return fig
 
 
-def chart_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream chart", description="PNG chart of a detector definition's checks")
-    parser.add_argument("name", help="the definition's name")
-    parser.add_argument("--out", required=True, type=Path, help="PNG file to write")
-    parser.add_argument("--group", help="only this group key (default: the %d with most checks)" % MAX_GROUPS)
-    parser.add_argument("--last", type=int, help="only the last N checks of each group")
-    parser.add_argument("--db", help="run history URL (default: setting ANOMSTREAM_RULES_DB_URL)")
-    args = parser.parse_args(argv)
-    history = _open(args.db)
+@click.command("chart", help="PNG chart of a detector definition's checks; NAME: the definition's name",
+               context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--out", required=True, type=PATH, help="PNG file to write")
+@click.option("--group", help=f"only this group key (default: the {MAX_GROUPS} with most checks)")
+@click.option("--last", type=int, help="only the last N checks of each group")
+@click.option("--db", help="run history URL (default: setting ANOMSTREAM_RULES_DB_URL)")
+def chart_command(name: str, out: Path, group: str | None, last: int | None, db: str | None) -> int:
+    history = _open(db)
     if history is None:
         return 1
     try:
-        frame = history.frame(args.name, group=args.group)
+        frame = history.frame(name, group=group)
         if frame.empty:
-            return _no_checks(history, args.name, args.group)
+            return _no_checks(history, name, group)
     finally:
         history.close()
-    fig = build_figure(frame, args.name, args.group, args.last)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, format="png", dpi=100)
-    print(args.out)
+    fig = build_figure(frame, name, group, last)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    print(out)
     return 0
+
+
+def chart_main(argv: list[str] | None = None) -> int:
+    return run_command(chart_command, argv, "anomstream chart")

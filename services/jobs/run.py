@@ -19,7 +19,6 @@ service would rightly call late.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import click
 import numpy as np
 import orjson
 import pandas as pd
@@ -45,7 +45,8 @@ from models.metrics.model_set import ModelSet
 from models.metrics.synthetic import transactions
 from models.rules.run_history import RunHistory
 from shared.app_logging import setup_logging
-from shared.config import REPO_ROOT, load_settings
+from shared.cli import CONTEXT, run_command
+from shared.config import load_settings
 from shared.kafka import (
     commit_group_offsets,
     committed_offsets,
@@ -55,7 +56,7 @@ from shared.kafka import (
     send,
 )
 from shared.local_broker import LocalBroker
-from shared.schemas import encode_metric_frame
+from shared.records.metrics import encode_metric_frame
 
 
 def delta(before: dict[int, int], after: dict[int, int]) -> int:
@@ -105,13 +106,14 @@ def log_summary(raw_sample: Path, labels: dict[str, bool], flagged: dict[str, se
             f"f1={m['f1']:.3f} (offline on the same split: f1={manifest['test']['f1']:.3f})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream run", description=__doc__)
-    parser.add_argument("--epochs", type=int, default=10, help="LSTM epochs if models must be trained")
-    parser.add_argument("--transactions", type=int, default=5000, help="synthetic transactions to send")
-    parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--scrapes", type=int, default=60, help="rows of the broker-metrics scenario (1 per second)")
-    args = parser.parse_args(argv)
+@click.command("run", help=__doc__, context_settings=CONTEXT)
+@click.option("--epochs", type=int, default=10, show_default=True, help="LSTM epochs if models must be trained")
+@click.option("--transactions", "n_transactions", type=int, default=5000, show_default=True,
+              help="synthetic transactions to send")
+@click.option("--timeout", type=float, default=600, show_default=True)
+@click.option("--scrapes", "scenario_rows", type=int, default=60, show_default=True,
+              help="rows of the broker-metrics scenario (1 per second)")
+def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int) -> int:
     settings = load_settings()
     log = setup_logging(settings, "run")
     started = time.monotonic()
@@ -125,24 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in (settings.model_input, settings.model_transactions):
             if not (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
-                log.info("no trained model set; training", name=name, epochs=args.epochs)
+                log.info("no trained model set; training", name=name, epochs=epochs)
                 subprocess.run([sys.executable, "-m", "services.jobs.train", "--name", name,
-                                "--epochs", str(args.epochs)], check=True, cwd=REPO_ROOT)
+                                "--epochs", str(epochs)], check=True)
         if not (settings.model_dir / settings.model_kafka_metrics / "realtime_kmeans.json").exists():
             subprocess.run([sys.executable, "-m", "services.jobs.train", "--name", settings.model_kafka_metrics],
-                           check=True, cwd=REPO_ROOT)
-        subprocess.run([sys.executable, "-m", "services.jobs.logs", "train", "--if-missing"], check=True, cwd=REPO_ROOT)
+                           check=True)
+        subprocess.run([sys.executable, "-m", "services.jobs.logs", "train", "--if-missing"], check=True)
         ensure_topics(settings)
         topics = [settings.topic_input, settings.topic_transactions, settings.topic_scores,
                   settings.topic_anomalies, settings.topic_dead_letter, settings.topic_kafka_metrics,
                   settings.topic_logs]
         before = {t: end_offsets(settings, t) for t in topics}
 
-        log_dir = REPO_ROOT / ".cache" / "run"
+        log_dir = settings.home / "run"
         log_dir.mkdir(parents=True, exist_ok=True)
         env = os.environ | {"ANOMSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
         with open(log_dir / "detector.log", "ab") as detector_log:
-            procs["detector"] = subprocess.Popen([sys.executable, "-m", "services.detector"], cwd=REPO_ROOT,
+            procs["detector"] = subprocess.Popen([sys.executable, "-m", "services.detector"],
                                                  env=env, stdout=detector_log, stderr=subprocess.STDOUT)
         rules_db = log_dir / "rules_history.db"
         rules_db.unlink(missing_ok=True)
@@ -152,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         for topic in rules_topics:
             commit_group_offsets(settings, rules_env["ANOMSTREAM_RULES_GROUP"], topic, before[topic])
         with open(log_dir / "rules.log", "ab") as rules_log:
-            procs["rules"] = subprocess.Popen([sys.executable, "-m", "services.rules"], cwd=REPO_ROOT,
+            procs["rules"] = subprocess.Popen([sys.executable, "-m", "services.rules"],
                                               env=rules_env, stdout=rules_log, stderr=subprocess.STDOUT)
         # The alerter writes each alert as it arrives to its log (and posts it, when Slack is
         # configured); the raw log sample alone gives some 2,000 of them (see the LOGS line).
         with open(log_dir / "alerter.log", "ab") as alerter_log:
-            procs["alerter"] = subprocess.Popen([sys.executable, "-m", "services.alerter"], cwd=REPO_ROOT,
+            procs["alerter"] = subprocess.Popen([sys.executable, "-m", "services.alerter"],
                                                 env=env | {"ANOMSTREAM_LOG_FORMAT": "console"}, stdout=alerter_log,
                                                 stderr=subprocess.STDOUT)
         log.info("detector, log detector, rules and alerter started", detector_log=str(log_dir / "detector.log"),
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                  alerter_log=str(log_dir / "alerter.log"))
         keys, values = encode_metric_frame(replay_frame(settings.nab_csvs()))
         sent = send(settings, settings.topic_input, keys, values, log=log)
-        keys, values = encode_metric_frame(transactions(args.transactions, outlier_prob=0.01, seed=int(time.time())))
+        keys, values = encode_metric_frame(transactions(n_transactions, outlier_prob=0.01, seed=int(time.time())))
         sent += send(settings, settings.topic_transactions, keys, values, log=log)
         scores_start = before[settings.topic_scores]
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             return delta(before[settings.topic_kafka_metrics], end_offsets(settings, settings.topic_kafka_metrics))
 
         wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + scrapes(),
-                 args.timeout, f"{sent} scores", procs)
+                 timeout, f"{sent} scores", procs)
         # The broker's own metrics, once the replay is scored (the model knows the scenario's traffic,
         # not the replay's): a known load with one burst and one large message, scraped every
         # second to kafka_metrics, where the Real-Time K-Means scores them.
@@ -181,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics_url = broker.metrics_url if broker is not None else settings.metrics_exporter_url
         with open(log_dir / "scenario.log", "ab") as scenario_log:
             procs["scenario"] = subprocess.Popen(
-                [sys.executable, "-m", "services.jobs.scenario", "kafka-load", "--rows", str(args.scrapes),
+                [sys.executable, "-m", "services.jobs.scenario", "kafka-load", "--rows", str(scenario_rows),
                  "--bursts", "1", "--large-messages", "1", "--quiet-fraction", "0.5", "--min-gap", "10",
                  "--bootstrap", settings.bootstrap_servers, "--url", metrics_url, "--out", str(scenario_csv)],
-                cwd=REPO_ROOT, env=env, stdout=scenario_log, stderr=subprocess.STDOUT)
-        log.info("broker-metrics scenario started", rows=args.scrapes, log=str(log_dir / "scenario.log"))
+                env=env, stdout=scenario_log, stderr=subprocess.STDOUT)
+        log.info("broker-metrics scenario started", rows=scenario_rows, log=str(log_dir / "scenario.log"))
 
         # The rules service records how far it read with each batch of checks; once it read
         # everything and the partitions went idle, every window the watermark passed is checked.
@@ -193,15 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         history = RunHistory(rules_env["ANOMSTREAM_RULES_DB_URL"])
         wait_for(lambda: all(history.progress(rules_env["ANOMSTREAM_RULES_GROUP"]).get((t, p), 0) >= o
                              for t in rules_topics for p, o in inputs_end[t].items()),
-                 args.timeout, "the rules service to read every input", procs)
+                 timeout, "the rules service to read every input", procs)
         time.sleep(settings.rules_idle_partition_s + 3)
         scenario = procs.pop("scenario")
-        if scenario.wait(args.timeout) != 0:
+        if scenario.wait(timeout) != 0:
             raise RuntimeError(f"the broker-metrics scenario exited with {scenario.returncode}; see "
                                f"{log_dir / 'scenario.log'}")
         n_scrapes = scrapes()
         wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + n_scrapes,
-                 args.timeout, f"{n_scrapes} scrapes of the broker's metrics scored", procs)
+                 timeout, f"{n_scrapes} scrapes of the broker's metrics scored", procs)
         # Raw log lines for the log detector, once the rest is done: its load during the metric replay
         # would hold a rules partition back past the idle limit (making its messages late), and
         # during the scenario it would be a burst of traffic the broker-metrics model rightly flags.
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         commit_group_offsets(settings, logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], settings.topic_logs,
                              before[settings.topic_logs])
         with open(log_dir / "logdetector.log", "ab") as logdetector_log:
-            procs["logdetector"] = subprocess.Popen([sys.executable, "-m", "services.logdetector"], cwd=REPO_ROOT,
+            procs["logdetector"] = subprocess.Popen([sys.executable, "-m", "services.logdetector"],
                                                     env=logs_env, stdout=logdetector_log, stderr=subprocess.STDOUT)
         raw_sample, labelled_log = settings.data_dir / "hdfs" / "HDFS_2k.log", log_dir / "hdfs_test.log"
         log_labels = render_labelled_log(settings, labelled_log)
@@ -226,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         # The log detector is done when its checkpoint holds every line and no open session.
         logs_end = end_offsets(settings, settings.topic_logs)
         wait_for(lambda: log_checkpoint_done(log_state / settings.model_logs / "checkpoint.json", logs_end),
-                 args.timeout, "the log detector to read every line and end every session", procs)
+                 timeout, "the log detector to read every line and end every session", procs)
         anomalies_end = end_offsets(settings, settings.topic_anomalies)
         wait_for(lambda: all(committed_offsets(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
                              for p, o in anomalies_end.items()),
-                 args.timeout, "the alerter to handle every anomaly", procs)
+                 timeout, "the alerter to handle every anomaly", procs)
 
         n_anomalies = delta(before[settings.topic_anomalies], anomalies_end)
         fired = Counter()
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             if n_fired:
                 chart = log_dir / f"rules-{name}.png"
                 subprocess.run([sys.executable, "-m", "services.cli", "chart", name, "--out", str(chart),
-                                "--db", rules_env["ANOMSTREAM_RULES_DB_URL"]], cwd=REPO_ROOT, check=True)
+                                "--db", rules_env["ANOMSTREAM_RULES_DB_URL"]], check=True)
         history.close()
         labels = pd.read_csv(scenario_csv)
         injected = labels.loc[labels["is_anomaly"] == 1, "timestamp"].to_numpy()
@@ -291,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         if broker is not None:
             broker.stop()
             log.info("local kafka broker stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream run")
 
 
 if __name__ == "__main__":

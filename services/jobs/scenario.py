@@ -19,7 +19,6 @@ and the scenario topics' metrics (sorted; a rate the scrape did not give is 0.0)
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -34,14 +33,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import click
+
 from services.scraper.service import (
     DEFAULT_PATTERNS,
     MetricsScraper,
     RecordPublisher,
     Ticker,
-    stop_on_signals,
 )
 from shared.app_logging import get_logger, setup_logging
+from shared.cli import CONTEXT, PATH, given_arguments, run_command
 from shared.config import Settings, load_settings
 from shared.kafka import (
     DeliveryTracker,
@@ -51,6 +52,7 @@ from shared.kafka import (
     produce,
 )
 from shared.local_broker import LocalBroker, free_port
+from shared.signals import on_stop_signal
 
 SCENARIOS = ("kafka-load",)
 MESSAGE_BYTES = 70
@@ -384,62 +386,71 @@ def run_scenario(settings: Settings, url: str, out: Path, config: LoadConfig, lo
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream scenario", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", choices=SCENARIOS)
-    d = LoadConfig()
-    parser.add_argument("--out", type=Path, default=Path("kafka_load.csv"))
-    parser.add_argument("--rows", type=int, default=d.rows)
-    parser.add_argument("--interval", type=float, default=d.interval_s, help="seconds between scrapes")
-    parser.add_argument("--factor", type=float, default=d.factor, help="time acceleration of the load pattern")
-    parser.add_argument("--bursts", type=int, default=d.bursts)
-    parser.add_argument("--burst-messages", type=int, default=d.burst_messages)
-    parser.add_argument("--large-messages", type=int, default=d.large_messages)
-    parser.add_argument("--large-bytes", type=int, default=d.large_bytes)
-    parser.add_argument("--quiet-fraction", type=float, default=d.quiet_fraction,
-                        help="no anomaly in this first part of the rows")
-    parser.add_argument("--min-gap", type=int, default=d.min_gap, help="rows between anomalies, at least")
-    parser.add_argument("--topic-prefix", default=d.topic_prefix)
-    parser.add_argument("--no-publish", action="store_true", help="do not publish the records to kafka_metrics")
-    parser.add_argument("--bootstrap", default=None, help="the broker (default: settings / KAFKA_BOOTSTRAP_SERVERS; "
-                                                          "with neither, a local broker is started for the run)")
-    parser.add_argument("--url", default=None, help="its JMX exporter endpoint (default: settings)")
-    args = parser.parse_args(argv)
-    config = LoadConfig(rows=args.rows, interval_s=args.interval, factor=args.factor, bursts=args.bursts,
-                        burst_messages=args.burst_messages, large_messages=args.large_messages,
-                        large_bytes=args.large_bytes, quiet_fraction=args.quiet_fraction, min_gap=args.min_gap,
-                        topic_prefix=args.topic_prefix, publish=not args.no_publish)
-    if args.rows < 2 or args.interval <= 0 or args.factor <= 0 or args.large_bytes > BROKER_MESSAGE_MAX_BYTES - 1024:
-        parser.error("need --rows >= 2, --interval > 0, --factor > 0, --large-bytes below 2 MB")
+_DEFAULTS = LoadConfig()
+
+
+@click.command("scenario", help=__doc__.split("\n\n")[0], context_settings=CONTEXT)
+@click.argument("name", type=click.Choice(SCENARIOS))
+@click.option("--out", type=PATH, default=Path("kafka_load.csv"), show_default=True)
+@click.option("--rows", type=int, default=_DEFAULTS.rows, show_default=True)
+@click.option("--interval", type=float, default=_DEFAULTS.interval_s, show_default=True, help="seconds between scrapes")
+@click.option("--factor", type=float, default=_DEFAULTS.factor, show_default=True,
+              help="time acceleration of the load pattern")
+@click.option("--bursts", type=int, default=_DEFAULTS.bursts, show_default=True)
+@click.option("--burst-messages", type=int, default=_DEFAULTS.burst_messages, show_default=True)
+@click.option("--large-messages", type=int, default=_DEFAULTS.large_messages, show_default=True)
+@click.option("--large-bytes", type=int, default=_DEFAULTS.large_bytes, show_default=True)
+@click.option("--quiet-fraction", type=float, default=_DEFAULTS.quiet_fraction, show_default=True,
+              help="no anomaly in this first part of the rows")
+@click.option("--min-gap", type=int, default=_DEFAULTS.min_gap, show_default=True,
+              help="rows between anomalies, at least")
+@click.option("--topic-prefix", default=_DEFAULTS.topic_prefix, show_default=True)
+@click.option("--no-publish", is_flag=True, help="do not publish the records to kafka_metrics")
+@click.option("--bootstrap", default=None, help="the broker (default: settings / KAFKA_BOOTSTRAP_SERVERS; "
+                                                "with neither, a local broker is started for the run)")
+@click.option("--url", "url_option", default=None, help="its JMX exporter endpoint (default: settings)")
+def command(name: str, out: Path, rows: int, interval: float, factor: float, bursts: int, burst_messages: int,
+            large_messages: int, large_bytes: int, quiet_fraction: float, min_gap: int, topic_prefix: str,
+            no_publish: bool, bootstrap: str | None, url_option: str | None) -> int:
+    config = LoadConfig(rows=rows, interval_s=interval, factor=factor, bursts=bursts,
+                        burst_messages=burst_messages, large_messages=large_messages,
+                        large_bytes=large_bytes, quiet_fraction=quiet_fraction, min_gap=min_gap,
+                        topic_prefix=topic_prefix, publish=not no_publish)
+    if rows < 2 or interval <= 0 or factor <= 0 or large_bytes > BROKER_MESSAGE_MAX_BYTES - 1024:
+        raise click.UsageError("need --rows >= 2, --interval > 0, --factor > 0, --large-bytes below 2 MB")
     try:
         schedule(config)
     except ValueError as exc:
-        parser.error(str(exc))
-    external = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get(
+        raise click.UsageError(str(exc)) from None
+    external = bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get(
         "ANOMSTREAM_BOOTSTRAP_SERVERS")
-    overrides = {"bootstrap_servers": args.bootstrap} if args.bootstrap else {}
+    overrides = {"bootstrap_servers": bootstrap} if bootstrap else {}
     settings = load_settings(**overrides)
     log = setup_logging(settings, "kafka-load")
     stop = threading.Event()
-    stop_on_signals(stop)
+    on_stop_signal(stop.set)
     broker, tmp = None, None
     try:
-        url = args.url or settings.metrics_exporter_url
+        url = url_option or settings.metrics_exporter_url
         if not external:
             tmp = tempfile.mkdtemp(prefix="anomstream-kafka-load-")
             broker = LocalBroker(Path(tmp), port=free_port(), controller_port=free_port(), jmx_port=free_port())
             broker.start()
             settings = load_settings(bootstrap_servers=broker.bootstrap)
-            url = args.url or broker.metrics_url
+            url = url_option or broker.metrics_url
             log.info("local broker started for the run", bootstrap=broker.bootstrap, metrics=url)
-        run_scenario(settings, url, args.out, config, log, stop,
-                     command=shlex.join(["anomstream", "scenario", *(argv if argv is not None else sys.argv[2:])]))
+        run_scenario(settings, url, out, config, log, stop,
+                     command=shlex.join(["anomstream", "scenario", *given_arguments(click.get_current_context())]))
     finally:
         if broker is not None:
             broker.stop()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream scenario")
 
 
 if __name__ == "__main__":

@@ -4,25 +4,29 @@ the Real-Time K-Means `kafka_kmeans` on the history part of a recorded broker-me
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 import time
 from pathlib import Path
 
+import click
 import pandas as pd
 
 from models.metrics.features import read_series_csv
 from models.metrics.synthetic import transactions
 from shared.app_logging import setup_logging
+from shared.cli import CONTEXT, PATH, run_command
 from shared.config import Settings, load_settings
 
 
-def train_kmeans(settings: Settings, csv: Path, train_fraction: float, log) -> None:
-    """Fit the Real-Time K-Means on the first train_fraction rows (the history) of a scenario CSV."""
+def train_kmeans(settings: Settings, csv: Path | None, train_fraction: float, log) -> None:
+    """Fit the Real-Time K-Means on the first train_fraction rows (the history) of a scenario CSV
+    (None: the recording shipped with the package, models.kmeans.RECORDING)."""
+    from models.kmeans import RECORDING
     from models.kmeans.streaming_kmeans import RealTimeKMeans
     from models.metrics.features import VectorBatch
 
+    csv = csv or RECORDING
     name = settings.model_kafka_metrics
     frame = pd.read_csv(csv)
     history = frame.iloc[: int(len(frame) * train_fraction)]
@@ -39,61 +43,66 @@ def train_kmeans(settings: Settings, csv: Path, train_fraction: float, log) -> N
              folder=str(settings.model_dir / name))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream train", description=__doc__)
-    parser.add_argument("paths", nargs="*", type=Path, help="NAB-style CSVs (timestamp,value) for --name")
-    parser.add_argument("--name", default=None, help="train only this model set (default: both)")
-    parser.add_argument("--synthetic", type=int, default=None, metavar="N",
-                        help="train --name on N normal synthetic transactions instead of CSVs")
-    parser.add_argument("--epochs", type=int, default=50, help="LSTM epochs (seed spec: 50)")
-    parser.add_argument("--model-dir", type=Path, default=None)
-    parser.add_argument("--if-missing", action="store_true", help="skip a model set that already exists")
-    parser.add_argument("--kmeans-data", type=Path, default=None,
-                        help="scenario CSV for the Real-Time K-Means (`anomstream scenario kafka-load`; "
-                             "default: settings.kmeans_training_data, the recorded run in models/kmeans/data)")
-    parser.add_argument("--kmeans-train-fraction", type=float, default=0.4,
-                        help="the first part of the scenario that is history (default 0.4)")
-    args = parser.parse_args(argv)
-    settings = load_settings(**({"model_dir": args.model_dir} if args.model_dir else {}))
+@click.command("train", help=__doc__ + "\n\nPATHS: NAB-style CSVs (timestamp,value) for --name.",
+               context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, type=PATH)
+@click.option("--name", "only", default=None, help="train only this model set (default: both)")
+@click.option("--synthetic", type=int, default=None, metavar="N",
+              help="train --name on N normal synthetic transactions instead of CSVs")
+@click.option("--epochs", type=int, default=50, help="LSTM epochs (seed spec: 50)")
+@click.option("--model-dir", type=PATH, default=None)
+@click.option("--if-missing", is_flag=True, help="skip a model set that already exists")
+@click.option("--kmeans-data", type=PATH, default=None,
+              help="scenario CSV for the Real-Time K-Means (`anomstream scenario kafka-load`; "
+                   "default: settings.kmeans_training_data, the recorded run in models/kmeans/data)")
+@click.option("--kmeans-train-fraction", type=float, default=0.4,
+              help="the first part of the scenario that is history (default 0.4)")
+def command(paths: tuple[Path, ...], only: str | None, synthetic: int | None, epochs: int, model_dir: Path | None,
+            if_missing: bool, kmeans_data: Path | None, kmeans_train_fraction: float) -> int:
+    settings = load_settings(**({"model_dir": model_dir} if model_dir else {}))
     log = setup_logging(settings, "train")
 
-    if args.name in (None, settings.model_kafka_metrics):
-        if args.if_missing and (settings.model_dir / settings.model_kafka_metrics / "realtime_kmeans.json").exists():
+    if only in (None, settings.model_kafka_metrics):
+        if if_missing and (settings.model_dir / settings.model_kafka_metrics / "realtime_kmeans.json").exists():
             log.info("model exists; skipped", name=settings.model_kafka_metrics)
         else:
-            train_kmeans(settings, args.kmeans_data or settings.kmeans_training_data, args.kmeans_train_fraction, log)
-        if args.name:
+            train_kmeans(settings, kmeans_data or settings.kmeans_training_data, kmeans_train_fraction, log)
+        if only:
             return 0
 
     from models.metrics.model_set import ModelSet, train_model_set
 
     jobs: dict[str, pd.DataFrame | None] = {}
-    if args.name:
-        jobs[args.name] = None
+    if only:
+        jobs[only] = None
     else:
         jobs = {settings.model_input: None, settings.model_transactions: None}
     for name in jobs:
-        if args.synthetic or (not args.paths and name == settings.model_transactions):
-            frame = transactions(args.synthetic or 20_000, outlier_prob=0.0, seed=1)
+        if synthetic or (not paths and name == settings.model_transactions):
+            frame = transactions(synthetic or 20_000, outlier_prob=0.0, seed=1)
         else:
-            paths = args.paths or settings.nab_csvs()
-            if not paths:
-                parser.error(f"no CSV files given and none found under {settings.data_dir}")
-            frame = pd.concat([read_series_csv(p) for p in paths], ignore_index=True)
-        if args.if_missing and (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
+            csvs = list(paths) or settings.nab_csvs()
+            if not csvs:
+                raise click.UsageError(f"no CSV files given and none found under {settings.data_dir}")
+            frame = pd.concat([read_series_csv(p) for p in csvs], ignore_index=True)
+        if if_missing and (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
             log.info("model set exists; skipped", name=name)
             continue
         # Transactions are point outliers in short per-account histories: the likelihood stage (the
         # metric default) is still learning there. On 5000 synthetic transactions with 1% outliers the
         # robust z-score finds 29 of 39 with 1 false alarm; IsolationForest 39 with 233 false alarms.
         decision = ["robust_zscore"] if name == settings.model_transactions else None
-        log.info("training", name=name, rows=len(frame), epochs=args.epochs)
-        model_set = train_model_set(name, frame[["series", "epoch_s", "value"]], settings.model_dir, args.epochs,
+        log.info("training", name=name, rows=len(frame), epochs=epochs)
+        model_set = train_model_set(name, frame[["series", "epoch_s", "value"]], settings.model_dir, epochs,
                                     decision=decision)
         log.info("trained", name=name, version=model_set.version,
                  thresholds={d: round(det.threshold, 6) for d, det in model_set.detectors.items()},
                  folder=str(ModelSet.folder(settings.model_dir, name)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream train")
 
 
 if __name__ == "__main__":

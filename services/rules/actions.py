@@ -26,7 +26,7 @@ from models.rules.definitions import (
     WebhookAction,
 )
 from shared.kafka import produce
-from shared.schemas import RuleFiringRecord
+from shared.records.rules import RuleFiringRecord
 
 RETRY_AFTER_MAX_S = 10.0  # the rules service waits for its actions: a Retry-After of an hour must not stall it
 

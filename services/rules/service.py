@@ -14,15 +14,14 @@ had got to), so a firing is never lost; an action can repeat (at-least-once).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict
 from datetime import datetime, timezone
+from pathlib import Path
 
-import orjson
-from confluent_kafka import KafkaException, TopicPartition
+import click
 
 from models.rules.definitions import (
     Definition,
@@ -34,19 +33,13 @@ from models.rules.engine import Check, RuleEngine
 from models.rules.run_history import RunHistory
 from services.rules.actions import run_actions
 from shared.app_logging import setup_logging
+from shared.cli import CONTEXT, PATH, run_command, verbatim
 from shared.config import Settings, load_settings
 from shared.kafka import (
-    REBALANCE_COMMIT_ERRORS,
-    DeliveryTracker,
-    dead_letter,
     ensure_topics,
-    make_consumer,
-    make_producer,
-    produce,
-    usable,
 )
-from shared.schemas import RuleFiringRecord, decode_object
-from shared.signals import stop_on_signals
+from shared.records.rules import RuleFiringRecord, decode_object
+from shared.stream import Output, Processor, Result, StreamLoop
 
 
 def _utc(epoch_s: float) -> datetime:
@@ -64,25 +57,36 @@ def firing_record(check: Check, definition: Definition, environment: str) -> Rul
     )
 
 
-class RulesService:
-    def __init__(self, settings: Settings):
+class RulesProcessor(Processor):
+    """Definitions evaluated in event-time check windows; firings to `anomalies` and the actions;
+    every check recorded in the run history before the commit, which never passes an open window."""
+
+    name = "rules"
+    ticks_when_idle = True  # windows close on the watermark and on idle partitions, input or not
+
+    def __init__(self, settings: Settings, log):
         self.settings = settings
-        self.log = setup_logging(settings, "rules")
+        self.log = log
         self.folder = DefinitionFolder(settings.rules_dir)
         self.history = RunHistory(settings.rules_db_url)
         self.active: list[Definition] = []
         self.engine = self.resumed_engine()
         self.rebuild = False  # set on a revoke: the open windows must be re-read from the commit
-        self.consumer = make_consumer(settings, settings.rules_group)
-        self.producer = make_producer(settings)
-        self.tracker = DeliveryTracker()
         self.read_to: dict[tuple[str, int], int] = {}  # next offset to read, per partition read so far
-        self.committed: dict[tuple[str, int], int] = {}
+        self.pending: list[Check] = []  # checks made since the last checkpoint
         self.subscribed: set[str] = set()
+        self.loop: StreamLoop | None = None  # its producer sends the kafka actions' outputs too
         self.stats = Counter()
-        self.stopping = False
+        self.folder.watch()
+        self.reload(force=True)
+
+    def attach(self, loop: StreamLoop) -> None:
+        self.loop = loop
 
     # -- definitions ---------------------------------------------------------------------------
+    def refresh(self) -> None:
+        self.reload()
+
     def reload(self, force: bool = False) -> None:
         changed, errors = self.folder.refresh(force)
         for error in errors:
@@ -102,12 +106,10 @@ class RulesService:
         action_topics = {a.topic for d in active for a in d.actions if isinstance(a, KafkaAction)}
         ensure_topics(self.settings, {t: self.settings.partitions_input for t in topics | action_topics}
                       | self.settings.topic_partitions())
-        if topics != self.subscribed:
-            if topics:
-                self.consumer.subscribe(sorted(topics), on_assign=self.on_assign, on_revoke=self.on_revoke)
-            else:
-                self.consumer.unsubscribe()
-            self.subscribed = topics
+        self.subscribed = topics
+
+    def topics(self) -> list[str]:
+        return sorted(self.subscribed)
 
     def resumed_engine(self) -> RuleEngine:
         """An engine as after a restart: each group's state and the read positions from the run
@@ -120,26 +122,24 @@ class RulesService:
         engine.replayed_below = self.history.progress(self.settings.rules_group)
         return engine
 
-    def on_assign(self, _consumer, partitions) -> None:
+    def on_assign(self, partitions) -> None:
         if self.rebuild:
             # Eager rebalance (a re-subscribe, another member): every partition restarts at its
             # commit, i.e. at the oldest open window's first message. Keeping the open windows
             # would count those messages twice; every check so far is recorded, so resume from it.
-            self.engine, self.read_to, self.committed, self.rebuild = self.resumed_engine(), {}, {}, False
+            self.engine, self.read_to, self.rebuild = self.resumed_engine(), {}, False
         for tp in partitions:
             self.engine.assign(tp.topic, tp.partition, time.monotonic())
 
-    def on_revoke(self, _consumer, partitions) -> None:
+    def on_revoke(self, partitions) -> None:
         self.rebuild = True
         for tp in partitions:
             self.engine.revoke(tp.topic, tp.partition)
 
     # -- one batch -----------------------------------------------------------------------------
-    def process(self, msgs, now: float) -> None:
-        s = self.settings
-        for m in msgs:
-            if not usable(m, self.log):
-                continue
+    def process(self, messages: list, now: float) -> Result:
+        s, result = self.settings, Result()
+        for m in messages:
             tp = (m.topic(), m.partition())
             try:
                 problems = self.engine.add(m.topic(), m.partition(), m.offset(),
@@ -147,97 +147,65 @@ class RulesService:
             except ValueError as exc:
                 problems = [str(exc)]
             if problems:
-                reason = "; ".join(problems)
-                dead_letter(self.producer, s, m, reason, "rules", self.tracker)
-                self.log.warning("dead-lettered", topic=m.topic(), partition=m.partition(), offset=m.offset(),
-                                 reason=reason)
-                self.stats["dead_lettered"] += 1
+                result.dead_letters.append((m, "; ".join(problems)))
             self.read_to[tp] = max(self.read_to.get(tp, 0), m.offset() + 1)
-            self.stats["consumed"] += 1
         checks = self.engine.advance(now)
         for check in checks:
             self.stats["checks"] += 1
             if check.notify:
-                self.fire(check)
+                result.outputs.append(self.fire(check))
             elif check.fired:
                 check.actions = [{"type": "notification", "target": "",
                                   "outcome": f"not repeated: still firing since {_utc(check.state['firing_since']).isoformat()}"}]
-        if not msgs and not checks:
-            return
-        # Durable first (outputs acknowledged, then the checks and read positions in one
-        # transaction), then commit: a crash before the commit only means reading again.
-        self.tracker.flush(self.producer)
-        self.history.record(checks, self.read_to, s.rules_group)
-        self.commit()
+        self.pending += checks
+        result.state_changed = bool(checks)
+        return result
 
-    def fire(self, check: Check) -> None:
+    def fire(self, check: Check) -> Output:
         definition = self.engine.runners[check.definition].definition
         record = firing_record(check, definition, self.settings.environment)
-        value = orjson.dumps(record.model_dump(mode="json"))
-        produce(self.producer, self.settings.topic_anomalies, value, check.group.encode(), on_delivery=self.tracker)
         check.actions = [{"type": "anomalies", "target": self.settings.topic_anomalies, "outcome": "produced"}]
-        check.actions += run_actions(definition.actions, record, producer=self.producer, tracker=self.tracker,
-                                     log=self.log)
+        check.actions += run_actions(definition.actions, record, producer=self.loop.producer,
+                                     tracker=self.loop.tracker, log=self.log)
         self.stats["fired"] += 1
         self.log.info("rule fired", definition=check.definition, group=check.group,
                       window_end=_utc(check.window_end).isoformat(),
                       conditions=[f"{c.text}: {c.value}" for c in check.conditions])
+        return Output(self.settings.topic_anomalies, record.encode(), check.group.encode())
 
-    def commit(self) -> None:
-        held = self.engine.held_offsets()
-        offsets = []
-        for tp, next_offset in self.read_to.items():
-            safe = min(next_offset, held.get(tp, next_offset))
-            if safe > self.committed.get(tp, -1):
-                offsets.append(TopicPartition(tp[0], tp[1], safe))
-        if not offsets:
-            return
-        try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() not in REBALANCE_COMMIT_ERRORS:
-                raise
-            self.log.warning("commit refused by a rebalance", error=str(exc.args[0]))
-            return
-        for tp in offsets:
-            self.committed[(tp.topic, tp.partition)] = tp.offset
+    def checkpoint(self) -> None:
+        """Outputs are acknowledged: record the checks and how far each partition was read, in
+        one transaction; a crash before the commit only means reading again."""
+        self.history.record(self.pending, self.read_to, self.settings.rules_group)
+        self.pending = []
 
-    def run(self) -> None:
-        s = self.settings
-        ensure_topics(s)
-        self.folder.watch()
-        self.reload(force=True)
-        self.log.info("rules service ready", rules_dir=str(s.rules_dir), environment=s.environment,
-                      history=s.rules_db_url.split("@")[-1])
-        last_report = time.monotonic()
-        try:
-            while not self.stopping:
-                self.reload()
-                msgs = self.consumer.consume(s.batch_size, s.poll_timeout_s) if self.subscribed else []
-                if not self.subscribed:
-                    time.sleep(s.poll_timeout_s)
-                self.process(msgs, time.monotonic())
-                if time.monotonic() - last_report > 10:
-                    self.log.info("progress", **self.stats)
-                    last_report = time.monotonic()
-        finally:
-            self.folder.stop()
-            self.consumer.close()
-            self.history.close()
-            self.log.info("rules service stopped", **self.stats)
+    def committable(self, read_to: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        held = self.engine.held_offsets()  # never past a message still held in an open window
+        return {tp: min(next_offset, held.get(tp, next_offset)) for tp, next_offset in read_to.items()}
+
+    def progress(self) -> dict:
+        return dict(self.stats)
+
+    def close(self) -> None:
+        self.folder.stop()
+        self.history.close()
+
+
+@click.command("rules", help=verbatim(__doc__), context_settings=CONTEXT)
+@click.option("--rules-dir", type=PATH, default=None, help="folder of definition files (default: rules/)")
+@click.option("--environment", default=None, help="run the definitions of this environment")
+def command(rules_dir: Path | None, environment: str | None) -> int:
+    overrides = {k: v for k, v in {"rules_dir": rules_dir, "environment": environment}.items() if v}
+    settings = load_settings(**overrides)
+    log = setup_logging(settings, "rules")
+    StreamLoop(settings, RulesProcessor(settings, log), settings.rules_group, log).serve(
+        rules_dir=str(settings.rules_dir), environment=settings.environment,
+        history=settings.rules_db_url.split("@")[-1])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstream rules", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rules-dir", default=None, help="folder of definition files (default: rules/)")
-    parser.add_argument("--environment", default=None, help="run the definitions of this environment")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in {"rules_dir": args.rules_dir, "environment": args.environment}.items() if v}
-    service = RulesService(load_settings(**overrides))
-    stop_on_signals(service)
-    service.run()
-    return 0
+    return run_command(command, argv, "anomstream rules")
 
 
 if __name__ == "__main__":

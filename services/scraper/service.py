@@ -12,10 +12,8 @@ error or unparsable text is logged and tried again on the next tick: the scraper
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import signal
 import sys
 import threading
 import time
@@ -23,14 +21,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import urlsplit, urlunsplit
 
+import click
 import requests
 from confluent_kafka import KafkaException
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.app_logging import get_logger, setup_logging
+from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
 from shared.kafka import DeliveryTracker, ensure_topics, make_producer, produce
-from shared.schemas import BrokerMetricsRecord
+from shared.records.kmeans import BrokerMetricsRecord
+from shared.signals import on_stop_signal
 
 # Output name -> regex over the exposition's sample names. The defaults match the names of the
 # JMX exporter's example Kafka config (kafka_server_brokertopicmetrics_messagesin_total) and its
@@ -218,44 +219,40 @@ class RecordPublisher:
         return self.tracker.delivered
 
 
-def stop_on_signals(stop: threading.Event) -> None:
-    def on_signal(_sig, _frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-
-def main(argv: list[str] | None = None) -> int:
-    settings = load_settings()
-    parser = argparse.ArgumentParser(prog="anomstream scrape", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default=settings.metrics_exporter_url, help="the exporter's metrics endpoint")
-    parser.add_argument("--interval", type=float, default=settings.scrape_interval_s, help="seconds between scrapes")
-    parser.add_argument("--count", type=int, default=None, help="stop after this many records")
-    parser.add_argument("--metric", action="append", default=[], metavar="NAME=REGEX",
-                        help="select/rename a counter by sample-name regex (repeatable; replaces the defaults)")
-    parser.add_argument("--topics", default=None, metavar="REGEX", help="keep per-topic series of these topics only")
-    args = parser.parse_args(argv)
-    if args.interval <= 0:
-        parser.error("--interval must be > 0")
+# The defaults of --url and --interval are settings, read when the command runs: `--help` works
+# whatever the ANOMSTREAM_* variables hold.
+@click.command("scrape", help=__doc__.split("\n\n")[0], context_settings=CONTEXT)
+@click.option("--url", default=None,
+              help="the exporter's metrics endpoint (default: setting ANOMSTREAM_METRICS_EXPORTER_URL)")
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="seconds between scrapes (default: setting ANOMSTREAM_SCRAPE_INTERVAL_S)")
+@click.option("--count", type=int, default=None, help="stop after this many records")
+@click.option("--metric", multiple=True, metavar="NAME=REGEX",
+              help="select/rename a counter by sample-name regex (repeatable; replaces the defaults)")
+@click.option("--topics", default=None, metavar="REGEX", help="keep per-topic series of these topics only")
+def command(url: str | None, interval: float | None, count: int | None, metric: tuple[str, ...],
+            topics: str | None) -> int:
     patterns = None
-    if args.metric:
+    if metric:
         try:
-            patterns = dict(m.split("=", 1) for m in args.metric)
+            patterns = dict(m.split("=", 1) for m in metric)
             compile_patterns(patterns)
         except (ValueError, re.error) as exc:
-            parser.error(f"--metric NAME=REGEX: {exc}")
+            raise click.UsageError(f"--metric NAME=REGEX: {exc}") from None
+    settings = load_settings()
+    url = url or settings.metrics_exporter_url
+    interval = settings.scrape_interval_s if interval is None else interval
     log = setup_logging(settings, "metrics-scraper")
     stop = threading.Event()
-    stop_on_signals(stop)
-    scraper = MetricsScraper(args.url, patterns=patterns, topics=args.topics,
-                             timeout=min(max(args.interval, 1.0), 10.0), log=log)
+    on_stop_signal(stop.set)
+    scraper = MetricsScraper(url, patterns=patterns, topics=topics,
+                             timeout=min(max(interval, 1.0), 10.0), log=log)
     publisher = RecordPublisher(settings, log)
-    log.info("scraping", url=scraper.source, interval_s=args.interval, topic=publisher.topic)
+    log.info("scraping", url=scraper.source, interval_s=interval, topic=publisher.topic)
     published = 0
-    ticker = Ticker(args.interval, stop, log)
+    ticker = Ticker(interval, stop, log)
     try:
-        while (args.count is None or published < args.count) and ticker.wait():
+        while (count is None or published < count) and ticker.wait():
             record = scraper.scrape_once()
             if record is not None:
                 publisher.publish(record)
@@ -268,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log.info("scraper stopped", published=published, delivered=delivered, failed_scrapes=scraper.failures)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv, "anomstream scrape")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections import Counter
 from datetime import datetime, timezone
 
 import pytest
@@ -14,15 +15,15 @@ from slack_sdk.errors import SlackApiError
 from slack_server import VALID_TOKEN, SlackTestServer
 
 import services.alerter.service as alerter_module
-from services.alerter.service import (
-    Alerter,
-    SlackNotifier,
-    format_alert,
-    format_rule_alert,
-    format_window,
-)
+from services.alerter.formatting import format_alert, format_rule_alert, format_window
+from services.alerter.service import Alerter
+from services.alerter.slack import SlackNotifier
+from shared.app_logging import setup_logging
 from shared.config import Settings
-from shared.schemas import RuleFiringRecord, ScoreRecord, anomaly_record_adapter
+from shared.records.anomalies import anomaly_record_adapter
+from shared.records.metrics import ScoreRecord
+from shared.records.rules import RuleFiringRecord
+from shared.stream import StreamLoop
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc).timestamp()
 
@@ -65,18 +66,57 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+class FakeConsumer:
+    """Records the offsets the stream core commits."""
+
+    def __init__(self):
+        self.commits: list[list] = []
+
+    def commit(self, offsets=None, asynchronous=True):
+        self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
+
+
+class LoopedAlerter:
+    """The Alerter processor run by the real stream core one message at a time, as in the service,
+    with a fake producer (dead letters) and consumer (commits) instead of a broker."""
+
+    def __init__(self, settings: Settings):
+        log = setup_logging(settings, "alerter")
+        self.processor = Alerter(settings, log)
+        self.loop = StreamLoop(settings, self.processor, settings.alerter_group, log, producer=FakeProducer())
+        self.loop.consumer.close()
+        self.loop.consumer = FakeConsumer()
+
+    def handle(self, msg) -> bool:
+        """True when the message is done with: its offset was committed."""
+        self.loop.handle([msg], 0.0)
+        committed = [c for batch in self.loop.consumer.commits for c in batch]
+        return (msg.topic(), msg.partition(), msg.offset() + 1) in committed
+
+    @property
+    def stats(self) -> Counter:
+        return Counter(self.loop.stats) + Counter(self.processor.stats)
+
+    @property
+    def producer(self) -> FakeProducer:
+        return self.loop.producer
+
+    @property
+    def stopping(self) -> bool:
+        return self.loop.stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self.loop.stopping = value
+
+    def __getattr__(self, name):  # slack, last_alert, suppressed: the processor's
+        return getattr(self.processor, name)
+
+
 @pytest.fixture
 def make_alerter():
-    """An Alerter whose Kafka clients are never used: its producer is a fake, its consumer closed."""
-    made = []
-
-    def make(**overrides) -> Alerter:
-        settings = Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", **overrides)
-        a = Alerter(settings)
-        a.consumer.close()
-        a.producer = FakeProducer()
-        made.append(a)
-        return a
+    def make(**overrides) -> LoopedAlerter:
+        return LoopedAlerter(Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", **overrides))
 
     yield make
 

@@ -4,6 +4,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import REPO_ROOT
 
 from models.evaluation.nab import (
     PROFILES,
@@ -16,7 +17,6 @@ from models.evaluation.nab import (
     window_indices,
     window_metrics,
 )
-from shared.config import REPO_ROOT
 
 NAB_DIR = REPO_ROOT.parent / "shared" / "data" / "nab_ec2"
 

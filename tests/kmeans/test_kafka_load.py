@@ -7,7 +7,7 @@ import uuid
 
 import pandas as pd
 import pytest
-from helpers import as_settings
+from helpers import REPO_ROOT, as_settings
 
 from services.jobs.scenario import (
     MESSAGE_BYTES,
@@ -21,9 +21,8 @@ from services.jobs.scenario import (
 )
 from services.scraper.service import DEFAULT_PATTERNS
 from shared.app_logging import setup_logging
-from shared.config import REPO_ROOT
 from shared.kafka import read_topic
-from shared.schemas import BrokerMetricsRecord
+from shared.records.kmeans import BrokerMetricsRecord
 
 RECORDING = REPO_ROOT / "models" / "kmeans" / "data" / "kafka_load.csv"
 

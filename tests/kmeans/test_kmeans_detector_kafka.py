@@ -15,11 +15,8 @@ from slack_server import VALID_TOKEN, SlackTestServer
 
 from models.kmeans.scorer import ClusterScorer
 from shared.kafka import end_offsets, ensure_topics, make_producer, read_topic
-from shared.schemas import (
-    BrokerMetricsRecord,
-    ClusterScoreRecord,
-    anomaly_record_adapter,
-)
+from shared.records.anomalies import anomaly_record_adapter
+from shared.records.kmeans import BrokerMetricsRecord, ClusterScoreRecord
 
 SOURCE = "http://127.0.0.1:7071/metrics"
 

@@ -28,7 +28,7 @@ from shared.kafka import (
     read_topic,
 )
 from shared.local_broker import free_port
-from shared.schemas import BrokerMetricsRecord
+from shared.records.kmeans import BrokerMetricsRecord
 
 # Two scrapes of a JMX exporter, in its example Kafka config's names, plus a jvm metric to ignore.
 SCRAPE_1 = """\
@@ -229,7 +229,7 @@ def test_real_broker_rates_count_the_messages_produced(kafka_metrics_url, metric
 @pytest.mark.kafka
 def test_scrape_command_publishes_until_sigterm(kafka_metrics_url, metrics_settings, tmp_path):
     settings = as_settings(metrics_settings)
-    svc = Service("metrics_scraper", metrics_settings | {"log_format": "console"}, tmp_path,
+    svc = Service("scraper", metrics_settings | {"log_format": "console"}, tmp_path,
                   "--url", kafka_metrics_url, "--interval", "0.2")
     try:
         ensure_topics(settings, {settings.topic_kafka_metrics: 1})
@@ -249,7 +249,7 @@ def test_scrape_command_publishes_until_sigterm(kafka_metrics_url, metrics_setti
 @pytest.mark.kafka
 def test_scrape_command_stops_after_count(kafka_metrics_url, metrics_settings, tmp_path):
     settings = as_settings(metrics_settings)
-    svc = Service("metrics_scraper", metrics_settings, tmp_path, "--url", kafka_metrics_url,
+    svc = Service("scraper", metrics_settings, tmp_path, "--url", kafka_metrics_url,
                   "--interval", "0.1", "--count", "2")
     assert svc.proc.wait(60) == 0, svc.log[-3000:]
     svc.stop()

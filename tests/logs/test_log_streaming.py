@@ -39,15 +39,11 @@ from models.logs.templates import (
     parse_hdfs_line,
 )
 from models.metrics.lstm_autoencoder import configure_tensorflow
-from services.alerter.service import format_log_alert
+from services.alerter.formatting import format_log_alert
 from services.jobs.logs_train import train_log_model
 from shared.config import load_settings
-from shared.schemas import (
-    LogLineRecord,
-    LogSessionRecord,
-    anomaly_record_adapter,
-    decode_log_line,
-)
+from shared.records.anomalies import anomaly_record_adapter
+from shared.records.logs import LogLineRecord, LogSessionRecord, decode_log_line
 
 configure_tensorflow(1)
 HDFS = load_settings().data_dir / "hdfs"

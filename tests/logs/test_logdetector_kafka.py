@@ -24,7 +24,8 @@ from shared.kafka import (
     make_producer,
     read_topic,
 )
-from shared.schemas import LogSessionRecord, anomaly_record_adapter
+from shared.records.anomalies import anomaly_record_adapter
+from shared.records.logs import LogSessionRecord
 
 BAD = [
     (b"\xff\xfe not text", "UTF-8"),

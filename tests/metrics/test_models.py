@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 from helpers import FakeMsg
@@ -31,8 +32,7 @@ from models.metrics.model_set import (
 )
 from models.metrics.scorer import Scorer, combine
 from models.metrics.synthetic import transactions
-from services.detector.service import score_records
-from shared.schemas import ScoreRecord, decode_metrics
+from shared.records.metrics import ScoreRecord, decode_metrics, encode_score_records
 
 
 def history_batch(frame: pd.DataFrame):
@@ -308,18 +308,22 @@ def test_score_records_validate_as_score_records(trained):
     assert [pos for pos, _ in decoded.errors] == [4]
     scorer = Scorer(model_set)
     result = scorer.score(decoded.series, decoded.timestamps, decoded.values)
-    out = score_records(msgs, decoded, result, model_set.version, scorer.decision)
+    good = [msgs[i] for i in decoded.index]
+    out = encode_score_records(decoded.series, decoded.timestamps, decoded.values, result.is_anomaly, result.scores,
+                               result.flags, scorer.decision, model_set.version, "transactions",
+                               [(m.partition(), m.offset(), m.timestamp()[1]) for m in good])
     assert len(out) == 11
-    for j, (key, value, anomalous) in enumerate(out):
+    for j, value in enumerate(out):
         i = decoded.index[j]
         rec = ScoreRecord.model_validate_json(value)
-        assert key == f"acct-{i % 3}".encode() and rec.series == f"acct-{i % 3}"
+        assert set(orjson.loads(value)) == set(ScoreRecord.model_fields)  # every field, no other
+        assert rec.series == f"acct-{i % 3}"
         assert rec.timestamp.timestamp() == base + 60 * i
         assert rec.value == 10.0 + i
         assert (rec.source_topic, rec.source_partition, rec.source_offset) == ("transactions", 2, 100 + i)
         assert rec.source_timestamp_ms == (base + i) * 1000
         assert rec.model_version == model_set.version
-        assert rec.is_anomaly == anomalous == bool(result.is_anomaly[j])
+        assert rec.is_anomaly == bool(result.is_anomaly[j])
         assert rec.if_anomaly == bool(result.flags["isolation_forest"][j])
         assert rec.decision == scorer.decision
         assert set(rec.scores) == set(rec.flags) == set(model_set.outputs())

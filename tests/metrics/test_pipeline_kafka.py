@@ -22,7 +22,7 @@ from shared.kafka import (
     read_topic,
     send,
 )
-from shared.schemas import ScoreRecord, encode_metric_frame
+from shared.records.metrics import ScoreRecord, encode_metric_frame
 
 pytestmark = pytest.mark.kafka
 

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from models.rules.definitions import Action
 from services.rules.actions import make_http_session, run_actions, safe_url
 from shared.kafka import DeliveryTracker
-from shared.schemas import RuleFiringRecord
+from shared.records.rules import RuleFiringRecord
 
 actions_of = TypeAdapter(list[Action]).validate_python
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import REPO_ROOT
 
 from models.rules.definitions import (
     DefinitionError,
@@ -14,7 +15,6 @@ from models.rules.definitions import (
     parse_definition,
     parse_duration,
 )
-from shared.config import REPO_ROOT
 
 GOOD = """\
 name: api-latency

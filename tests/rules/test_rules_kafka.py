@@ -12,7 +12,7 @@ from slack_server import VALID_TOKEN, SlackTestServer
 
 from models.rules.run_history import RunHistory
 from shared.kafka import end_offsets, ensure_topics, make_producer, read_topic
-from shared.schemas import RuleFiringRecord
+from shared.records.rules import RuleFiringRecord
 
 pytestmark = pytest.mark.kafka
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from shared.config import REPO_ROOT, ConfigError, Settings, load_settings
+from shared.config import ConfigError, Settings, anomstream_home, load_settings
 from shared.kafka import client_config
 
 
@@ -34,7 +36,15 @@ def test_defaults():
     assert s.slack_channel == "#alerts"
     assert s.alert_cooldown_s == 300.0
     assert (s.log_level, s.log_format) == ("INFO", "json")
-    assert s.model_dir == REPO_ROOT / "models" / "artifacts"
+    home = Path.cwd() / ".anomstream"  # the fixture's tmp_path
+    assert s.home == home
+    assert s.model_dir == home / "models"
+    assert s.kmeans_state_dir == home / "state" / "kmeans"
+    assert s.log_state_dir == home / "state" / "logs"
+    assert s.rules_db_url == f"sqlite:///{home / 'state' / 'rules_history.db'}"
+    assert s.kmeans_training_data is None  # the recording shipped as package data (models.kmeans.RECORDING)
+    assert s.rules_dir == Path.cwd() / "rules"
+    assert s.data_dir == Path.cwd().parent / "shared" / "data"
     assert s.topic_models() == {"input_data": "ec2_cpu", "transactions": "transactions"}
     assert s.topic_partitions()["dead_letter"] == 1
 
@@ -168,3 +178,77 @@ def test_client_config_passes_sasl_settings(monkeypatch):
 def test_client_config_plaintext_has_no_sasl_keys():
     conf = client_config(Settings())
     assert conf == {"bootstrap.servers": "127.0.0.1:9092", "security.protocol": "PLAINTEXT"}
+
+
+# --- One data directory: ANOMSTREAM_HOME
+
+DERIVED = ("model_dir", "kmeans_state_dir", "log_state_dir")
+
+
+def _rules_db_path(s: Settings) -> Path:
+    assert s.rules_db_url.startswith("sqlite:///"), s.rules_db_url
+    return Path(s.rules_db_url.removeprefix("sqlite:///"))
+
+
+def test_every_derived_path_is_under_anomstream_home(monkeypatch, tmp_path):
+    home = tmp_path / "data-home"
+    monkeypatch.setenv("ANOMSTREAM_HOME", str(home))
+    s = load_settings()
+    assert s.home == home
+    for field in DERIVED:
+        assert getattr(s, field).is_relative_to(home), (field, getattr(s, field))
+    assert _rules_db_path(s).is_relative_to(home)
+    assert anomstream_home() == home  # the light reader (local broker) agrees with Settings
+
+
+def test_home_from_dotenv_is_read_by_both(tmp_path):
+    (tmp_path / ".env").write_text(f"ANOMSTREAM_HOME={tmp_path / 'from-dotenv'}\n")
+    assert load_settings().home == anomstream_home() == tmp_path / "from-dotenv"
+
+
+def test_relative_home_is_made_absolute_when_settings_are_created(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANOMSTREAM_HOME", "rel")
+    s = load_settings()
+    assert s.home == tmp_path / "rel" and s.model_dir == tmp_path / "rel" / "models"
+
+
+def test_explicit_path_beats_the_home_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANOMSTREAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ANOMSTREAM_MODEL_DIR", str(tmp_path / "elsewhere"))
+    s = load_settings()
+    assert s.model_dir == tmp_path / "elsewhere"
+    assert s.kmeans_state_dir == tmp_path / "home" / "state" / "kmeans"  # the others still follow home
+    assert load_settings(model_dir=tmp_path / "kw").model_dir == tmp_path / "kw"
+    monkeypatch.setenv("ANOMSTREAM_RULES_DB_URL", "postgresql+psycopg://u:p@db/h")
+    assert load_settings().rules_db_url == "postgresql+psycopg://u:p@db/h"
+
+
+def test_home_defaults_to_dot_anomstream_in_the_current_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().home == tmp_path / ".anomstream"
+    assert anomstream_home() == tmp_path / ".anomstream"
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)  # resolved when the settings are created, not at import
+    assert load_settings().home == other / ".anomstream"
+
+
+def test_no_default_path_lies_in_the_package_source(monkeypatch, tmp_path):
+    """An installed (non-editable) package must not write into site-packages: with the current
+    directory elsewhere, no default path is inside shared/, models/ or services/."""
+    import models
+    import services
+    import shared
+    from shared import local_broker
+
+    monkeypatch.chdir(tmp_path)
+    s = load_settings()
+    packages = [Path(p.__file__).resolve().parent for p in (shared, models, services)]
+    paths = {name: value for name, value in s.model_dump().items() if isinstance(value, Path)}
+    paths["rules_db_url"] = _rules_db_path(s)
+    paths["anomstream_home()"] = anomstream_home()
+    paths["local broker cache"] = local_broker.cache_dir()
+    assert set(DERIVED) | {"home", "rules_dir", "data_dir"} <= set(paths)
+    for name, path in paths.items():
+        for package in packages:
+            assert not path.resolve().is_relative_to(package), f"{name} = {path} is inside {package}"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from shared.schemas import (
+from shared.records.common import iso_utc
+from shared.records.metrics import (
     DecodedBatch,
     ScoreRecord,
     decode_metric,
     decode_metrics,
-    iso_utc,
 )
 
 MAX = 4096

@@ -1,0 +1,251 @@
+"""The one consumer loop every service runs on: consume -> process -> produce -> acknowledged ->
+state -> commit.
+
+Guarantee (at-least-once, never a gap): an input's offset is committed only after every output
+and dead letter it caused was acknowledged by the broker (idempotent producer, acks=all) and the
+processor's state that includes it is durable (its `checkpoint`). A crash anywhere before the
+commit means the input is consumed again.
+
+A service is a `Processor`: it turns a batch of messages into outputs and dead letters and keeps
+whatever state it needs; this module owns the Kafka side. The hooks a processor may define:
+
+- `process(messages, now) -> Result` (required): called per consumed batch, and with an empty
+  batch when nothing came in if `ticks_when_idle` is true (event-time services close windows).
+- `checkpoint()`: make the state durable; called after the outputs are acknowledged and before
+  the offsets are committed.
+- `committable(read_to) -> read_to`: the offsets that may be committed (a rules window still
+  open holds its first message back).
+- `on_assign(partitions)`, `on_revoke(partitions)`: restore or drop per-partition state.
+- `attach(loop)`: the loop that runs it, e.g. to produce an action's output through its producer
+  and tracker, so that output too is acknowledged before the commit.
+- `refresh()`: called before every poll (e.g. reload definition files); `topics()` is read after
+  it, and the consumer re-subscribes when the set changes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from shared.config import Settings
+from shared.kafka import (
+    REBALANCE_COMMIT_ERRORS,
+    DeliveryTracker,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    produce,
+    usable,
+)
+from shared.records.dead_letter import dead_letter_headers
+from shared.signals import stop_on_signals
+
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class Output:
+    """One record to produce; built by its record module's encoder."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+
+
+@dataclass
+class Result:
+    """What a processor made of one batch."""
+
+    outputs: list[Output] = field(default_factory=list)
+    dead_letters: list[tuple[object, str]] = field(default_factory=list)  # (message, reason)
+    # Messages of the batch that were handled, from its start; the rest are neither committed nor
+    # lost: they are read again (None = all of them). The alerter stops mid-batch on SIGTERM.
+    handled: int | None = None
+    state_changed: bool = False  # a checkpoint is due even if no offset moved (a closed window)
+
+
+class Processor:
+    """Defaults for the optional hooks; a service overrides what it needs."""
+
+    name = "service"
+    stopping = False  # set with the loop's: a long retry inside `process` gives up
+    ticks_when_idle = False
+    checkpoint_interval_s = 0.0  # 0: make durable and commit after every batch
+    batch_size: int | None = None  # None: settings.batch_size
+
+    def topics(self) -> list[str]:
+        raise NotImplementedError
+
+    def process(self, messages: list, now: float) -> Result:
+        raise NotImplementedError
+
+    def attach(self, loop: "StreamLoop") -> None:
+        """Called once by the loop that runs it (e.g. to produce through its producer)."""
+
+    def refresh(self) -> None:
+        pass
+
+    def checkpoint(self) -> None:
+        pass
+
+    def committable(self, read_to: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        return read_to
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def progress(self) -> dict:
+        """Extra figures for the progress log line."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class StreamLoop:
+    """Runs one processor on one consumer and one producer until `stopping` is set."""
+
+    def __init__(self, settings: Settings, processor: Processor, group: str, log, producer=None):
+        self.settings = settings
+        self.processor = processor
+        self.log = log
+        self.consumer = make_consumer(settings, group)
+        self.producer = producer if producer is not None else make_producer(settings)
+        self.tracker = DeliveryTracker()
+        self.stats: Counter = Counter()
+        self.read_to: dict[tuple[str, int], int] = {}  # next offset to read, per partition read so far
+        self.committed: dict[tuple[str, int], int] = {}
+        self.subscribed: list[str] | None = None
+        self.dirty = False  # outputs or state not yet checkpointed
+        self.last_checkpoint = time.monotonic()
+        self._stopping = False
+        processor.attach(self)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        # The processor sees it too: a long retry inside `process` (a Slack outage) gives up.
+        self._stopping = value
+        self.processor.stopping = value
+
+    # -- one batch ---------------------------------------------------------------------------
+    def handle(self, messages: list, now: float) -> None:
+        messages = [m for m in messages if usable(m, self.log)]
+        if not messages and not self.processor.ticks_when_idle:
+            return
+        result = self.processor.process(messages, now)
+        for out in result.outputs:
+            produce(self.producer, out.topic, out.value, out.key, on_delivery=self.tracker)
+        for msg, reason in result.dead_letters:
+            self.dead_letter(msg, reason)
+        handled = messages if result.handled is None else messages[:result.handled]
+        for m in handled:
+            tp = (m.topic(), m.partition())
+            self.read_to[tp] = max(self.read_to.get(tp, 0), m.offset() + 1)
+        self.stats["consumed"] += len(handled)
+        self.stats["produced"] += len(result.outputs)
+        if handled or result.outputs or result.dead_letters or result.state_changed:
+            self.dirty = True
+        if self.dirty and time.monotonic() - self.last_checkpoint >= self.processor.checkpoint_interval_s:
+            self.checkpoint()
+
+    def dead_letter(self, msg, reason: str) -> None:
+        """The original bytes and key, unchanged, with where they came from and why in headers."""
+        produce(self.producer, self.settings.topic_dead_letter, msg.value(), msg.key(), on_delivery=self.tracker,
+                headers=dead_letter_headers(reason, msg.topic(), msg.partition(), msg.offset(), self.processor.name))
+        self.log.warning("dead-lettered", topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+                         reason=reason)
+        self.stats["dead_lettered"] += 1
+
+    def checkpoint(self) -> None:
+        """Outputs acknowledged -> processor state durable -> offsets committed."""
+        self.tracker.flush(self.producer)  # raises if an output was not acknowledged: nothing is committed
+        self.processor.checkpoint()
+        self.dirty, self.last_checkpoint = False, time.monotonic()
+        self.commit()
+
+    def commit(self) -> None:
+        allowed = self.processor.committable(self.read_to)
+        offsets = [TopicPartition(t, p, o) for (t, p), o in allowed.items() if o > self.committed.get((t, p), -1)]
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() not in REBALANCE_COMMIT_ERRORS:
+                raise
+            # The outputs are durable already; the partition's new owner re-reads from the last commit.
+            self.log.warning("commit refused by a rebalance; the new owner re-reads the batch",
+                             error=str(exc.args[0]))
+            self.stats["commits_lost_to_rebalance"] += 1
+            return
+        for tp in offsets:
+            self.committed[(tp.topic, tp.partition)] = tp.offset
+        self.stats["commits"] += 1
+
+    # -- group membership --------------------------------------------------------------------
+    def _on_assign(self, _consumer, partitions) -> None:
+        self.processor.on_assign(partitions)
+
+    def _on_revoke(self, _consumer, partitions) -> None:
+        if self.dirty:
+            self.checkpoint()  # what was read so far is made durable while the partitions are still ours
+        for tp in partitions:
+            self.read_to.pop((tp.topic, tp.partition), None)
+            self.committed.pop((tp.topic, tp.partition), None)
+        self.processor.on_revoke(partitions)
+
+    def _subscribe(self) -> None:
+        topics = sorted(self.processor.topics())
+        if topics == self.subscribed:
+            return
+        if topics:
+            self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        elif self.subscribed:
+            self.consumer.unsubscribe()
+        self.subscribed = topics
+
+    # -- the loop ----------------------------------------------------------------------------
+    def serve(self, **ready) -> None:
+        """Run as a service's main loop: SIGTERM / Ctrl-C finish the batch, make it durable, commit
+        and stop; `ready` goes into the start-up log line."""
+        stop_on_signals(self)
+        self.log.info(f"{self.processor.name} ready", topics=self.processor.topics(), **ready)
+        self.run()
+
+    def run(self) -> None:
+        s = self.settings
+        ensure_topics(s)
+        batch_size = self.processor.batch_size or s.batch_size
+        last_report = time.monotonic()
+        try:
+            while not self.stopping:
+                self.processor.refresh()
+                self._subscribe()
+                if self.subscribed:
+                    msgs = self.consumer.consume(batch_size, s.poll_timeout_s)
+                else:
+                    msgs = []
+                    time.sleep(s.poll_timeout_s)
+                self.handle(msgs, time.monotonic())
+                if time.monotonic() - last_report > PROGRESS_EVERY_S:
+                    self.log.info("progress", **self.figures())
+                    last_report = time.monotonic()
+            if self.dirty:
+                self.checkpoint()
+        finally:
+            self.consumer.close()
+            self.processor.close()
+            self.log.info(f"{self.processor.name} stopped", **self.figures())
+
+    def figures(self) -> dict:
+        return dict(self.stats) | self.processor.progress()

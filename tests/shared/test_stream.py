@@ -1,0 +1,186 @@
+"""The stream core's order and bookkeeping, with a fake consumer and producer that record every call
+in one journal: outputs and dead letters produced -> all acknowledged -> processor checkpoint ->
+offsets committed; a commit refused by a rebalance is survived; what a processor did not handle or
+still holds back is not committed."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from helpers import FakeMsg
+
+from shared.app_logging import setup_logging
+from shared.config import Settings
+from shared.stream import Output, Processor, Result, StreamLoop
+
+
+class Journal(list):
+    pass
+
+
+class FakeProducer:
+    """Acknowledges a message only at flush(), as a broker would some time after produce()."""
+
+    def __init__(self, journal: Journal, fail: bool = False):
+        self.journal, self.fail, self.pending = journal, fail, []
+
+    def produce(self, topic, value=None, key=None, on_delivery=None, headers=None):
+        self.journal.append(("produce", topic, value, tuple(headers or ())))
+        self.pending.append(on_delivery)
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=None):
+        for callback in self.pending:
+            callback(KafkaError(KafkaError._MSG_TIMED_OUT) if self.fail else None, FakeMsg(b"", topic="out"))
+        self.journal.append(("acknowledged", len(self.pending)))
+        self.pending = []
+        return 0
+
+
+class FakeConsumer:
+    def __init__(self, journal: Journal, refuse: int | None = None):
+        self.journal, self.refuse = journal, refuse
+
+    def commit(self, offsets=None, asynchronous=True):
+        assert asynchronous is False
+        if self.refuse is not None:
+            raise KafkaException(KafkaError(self.refuse))
+        self.journal.append(("commit", sorted((tp.topic, tp.partition, tp.offset) for tp in offsets)))
+
+    def close(self):
+        pass
+
+
+class Doubler(Processor):
+    """Writes each value twice to `out`; a message b"bad" is dead-lettered; stops handling at b"stop"."""
+
+    name = "doubler"
+
+    def __init__(self, journal: Journal, hold: dict | None = None):
+        self.journal, self.hold = journal, hold or {}
+
+    def topics(self):
+        return ["in"]
+
+    def process(self, messages, now):
+        result = Result()
+        for i, m in enumerate(messages):
+            if m.value() == b"stop":
+                result.handled = i
+                break
+            if m.value() == b"bad":
+                result.dead_letters.append((m, "not a number"))
+                continue
+            result.outputs.append(Output("out", m.value() * 2, m.key()))
+        return result
+
+    def checkpoint(self):
+        self.journal.append(("checkpoint",))
+
+    def committable(self, read_to):
+        return {tp: min(o, self.hold.get(tp, o)) for tp, o in read_to.items()}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_loop(processor, journal, fail=False, refuse=None) -> StreamLoop:
+    settings = Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", topic_dead_letter="dlq")
+    loop = StreamLoop(settings, processor, "g", setup_logging(settings, "test"), producer=FakeProducer(journal, fail))
+    loop.consumer.close()
+    loop.consumer = FakeConsumer(journal, refuse)
+    return loop
+
+
+def msgs(*values, partition=0, start=10):
+    return [FakeMsg(v, key=b"k", topic="in", partition=partition, offset=start + i) for i, v in enumerate(values)]
+
+
+def test_outputs_acknowledged_then_checkpoint_then_commit():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal)
+    loop.handle(msgs(b"1", b"bad", b"3"), 0.0)
+    assert [e[0] for e in journal] == ["produce", "produce", "produce", "acknowledged", "checkpoint", "commit"]
+    assert [e[2] for e in journal if e[0] == "produce"] == [b"11", b"33", b"bad"]  # outputs, then dead letters
+    assert journal[-1] == ("commit", [("in", 0, 13)])  # the next offset to read
+    assert loop.stats["consumed"] == 3 and loop.stats["dead_lettered"] == 1 and loop.stats["produced"] == 2
+
+
+def test_dead_letter_keeps_the_bytes_and_says_why_and_where_from():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal)
+    loop.handle(msgs(b"bad", partition=2, start=17), 0.0)
+    (_, topic, value, headers), = [e for e in journal if e[0] == "produce"]
+    assert topic == "dlq" and value == b"bad"
+    assert dict(headers) == {"dlq.error": b"not a number", "dlq.topic": b"in", "dlq.partition": b"2",
+                             "dlq.offset": b"17", "dlq.service": b"doubler"}
+
+
+def test_an_output_the_broker_refused_stops_the_commit():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal, fail=True)
+    with pytest.raises(KafkaException, match="failed delivery"):
+        loop.handle(msgs(b"1"), 0.0)
+    assert not [e for e in journal if e[0] in ("checkpoint", "commit")]
+
+
+def test_a_commit_refused_by_a_rebalance_is_survived():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal, refuse=KafkaError.REBALANCE_IN_PROGRESS)
+    loop.handle(msgs(b"1"), 0.0)
+    assert loop.stats["commits_lost_to_rebalance"] == 1 and ("checkpoint",) in journal
+
+
+def test_other_commit_errors_are_raised():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal, refuse=KafkaError._TRANSPORT)
+    with pytest.raises(KafkaException):
+        loop.handle(msgs(b"1"), 0.0)
+
+
+def test_messages_not_handled_are_not_committed():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal)
+    loop.handle(msgs(b"1", b"stop", b"3"), 0.0)
+    assert journal[-1] == ("commit", [("in", 0, 11)])  # "stop" (offset 11) is read again
+    assert loop.stats["consumed"] == 1
+
+
+def test_a_held_offset_is_committed_once_released():
+    journal = Journal()
+    processor = Doubler(journal, hold={("in", 0): 11})
+    loop = make_loop(processor, journal)
+    loop.handle(msgs(b"1", b"2", b"3"), 0.0)
+    assert journal[-1] == ("commit", [("in", 0, 11)])
+    processor.hold = {}
+    loop.handle(msgs(b"4", start=13), 0.0)
+    assert journal[-1] == ("commit", [("in", 0, 14)])
+
+
+def test_checkpoint_interval_batches_the_commits_and_a_revoke_checkpoints_at_once():
+    journal = Journal()
+    processor = Doubler(journal)
+    processor.checkpoint_interval_s = 3600
+    loop = make_loop(processor, journal)
+    loop.handle(msgs(b"1"), 0.0)
+    loop.handle(msgs(b"2", start=11), 0.0)
+    assert not [e for e in journal if e[0] in ("checkpoint", "commit")]
+    loop._on_revoke(None, [TopicPartition("in", 0)])
+    assert [e[0] for e in journal][-3:] == ["acknowledged", "checkpoint", "commit"]
+    assert journal[-1] == ("commit", [("in", 0, 12)])
+    assert loop.read_to == {}  # the partition is no longer ours
+
+
+def test_stopping_reaches_the_processor():
+    journal = Journal()
+    processor = Doubler(journal)
+    loop = make_loop(processor, journal)
+    loop.stopping = True
+    assert processor.stopping is True
