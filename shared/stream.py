@@ -61,8 +61,9 @@ class Result:
 
     outputs: list[Output] = field(default_factory=list)
     dead_letters: list[tuple[object, str]] = field(default_factory=list)  # (message, reason)
-    # Messages of the batch that were handled, from its start; the rest are neither committed nor
-    # lost: they are read again (None = all of them). The alerter stops mid-batch on SIGTERM.
+    # Set when the processor stopped mid-batch (the alerter on SIGTERM during a Slack retry): the
+    # messages from the start that were handled. The loop commits those and stops; the rest are
+    # read again on the next start. None: all of them.
     handled: int | None = None
     state_changed: bool = False  # a checkpoint is due even if no offset moved (a closed window)
 
@@ -123,6 +124,7 @@ class StreamLoop:
         self.committed: dict[tuple[str, int], int] = {}
         self.subscribed: list[str] | None = None
         self.dirty = False  # outputs or state not yet checkpointed
+        self.failed = False  # an output was not acknowledged: nothing more may be committed
         self.last_checkpoint = time.monotonic()
         self._stopping = False
         processor.attach(self)
@@ -155,7 +157,10 @@ class StreamLoop:
         self.stats["produced"] += len(result.outputs)
         if handled or result.outputs or result.dead_letters or result.state_changed:
             self.dirty = True
-        if self.dirty and time.monotonic() - self.last_checkpoint >= self.processor.checkpoint_interval_s:
+        if result.handled is not None:
+            self.stopping = True  # a later commit past the unhandled messages would leave a gap
+        if self.dirty and (self.stopping or time.monotonic() - self.last_checkpoint
+                           >= self.processor.checkpoint_interval_s):
             self.checkpoint()
 
     def dead_letter(self, msg, reason: str) -> None:
@@ -168,7 +173,15 @@ class StreamLoop:
 
     def checkpoint(self) -> None:
         """Outputs acknowledged -> processor state durable -> offsets committed."""
-        self.tracker.flush(self.producer)  # raises if an output was not acknowledged: nothing is committed
+        if self.failed:
+            return
+        try:
+            self.tracker.flush(self.producer)  # raises if an output was not acknowledged
+        except Exception:
+            # Nothing from here on is committed, not even by the revoke that closing the consumer
+            # runs: the unacknowledged outputs' inputs are read again after the restart.
+            self.failed = True
+            raise
         self.processor.checkpoint()
         self.dirty, self.last_checkpoint = False, time.monotonic()
         self.commit()
@@ -197,8 +210,7 @@ class StreamLoop:
         self.processor.on_assign(partitions)
 
     def _on_revoke(self, _consumer, partitions) -> None:
-        if self.dirty:
-            self.checkpoint()  # what was read so far is made durable while the partitions are still ours
+        self.finish()  # what was read so far is made durable while the partitions are still ours
         for tp in partitions:
             self.read_to.pop((tp.topic, tp.partition), None)
             self.committed.pop((tp.topic, tp.partition), None)
@@ -240,12 +252,20 @@ class StreamLoop:
                 if time.monotonic() - last_report > PROGRESS_EVERY_S:
                     self.log.info("progress", **self.figures())
                     last_report = time.monotonic()
-            if self.dirty:
-                self.checkpoint()
+            self.finish()
         finally:
-            self.consumer.close()
-            self.processor.close()
-            self.log.info(f"{self.processor.name} stopped", **self.figures())
+            try:
+                self.consumer.close()
+            finally:
+                self.processor.close()
+                self.log.info("stream loop stopped", processor=self.processor.name, **self.figures())
+
+    def finish(self) -> None:
+        """Checkpoint what is pending; retry a commit an earlier rebalance refused."""
+        if self.dirty:
+            self.checkpoint()
+        elif not self.failed:
+            self.commit()
 
     def figures(self) -> dict:
         return dict(self.stats) | self.processor.progress()

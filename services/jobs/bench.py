@@ -172,7 +172,7 @@ class Detector:
         call after stop(). An idle worker got no partition of the input topic."""
         out: dict[str, int] = {}
         for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{") and '"worker stopped"' in line:
+            if line.startswith("{") and '"stream loop stopped"' in line:
                 try:
                     rec = orjson.loads(line)
                 except orjson.JSONDecodeError:

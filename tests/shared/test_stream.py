@@ -184,3 +184,29 @@ def test_stopping_reaches_the_processor():
     loop = make_loop(processor, journal)
     loop.stopping = True
     assert processor.stopping is True
+
+
+def test_after_a_refused_output_not_even_the_revoke_commits():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal, fail=True)
+    with pytest.raises(KafkaException):
+        loop.handle(msgs(b"1"), 0.0)
+    loop.producer.fail = False
+    loop._on_revoke(None, [TopicPartition("in", 0)])  # what closing the consumer runs
+    assert not [e for e in journal if e[0] in ("checkpoint", "commit")]
+
+
+def test_a_batch_stopped_midway_stops_the_loop():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal)
+    loop.handle(msgs(b"1", b"stop", b"3"), 0.0)
+    assert loop.stopping  # reading on would commit past "stop" later
+
+
+def test_a_commit_refused_by_a_rebalance_is_retried_at_revoke():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal, refuse=KafkaError.REBALANCE_IN_PROGRESS)
+    loop.handle(msgs(b"1"), 0.0)
+    loop.consumer.refuse = None
+    loop._on_revoke(None, [TopicPartition("in", 0)])
+    assert journal[-1] == ("commit", [("in", 0, 11)])
