@@ -20,11 +20,11 @@ from collections import Counter, defaultdict
 import click
 
 from models.base import ArtifactError
+from services.detector.kmeans import BrokerMetricsScoring
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
 from shared.kafka import ensure_topics
-from shared.records.kmeans import decode_broker_metrics, encode_cluster_score_record
 from shared.records.metrics import decode_metrics, encode_score_records
 from shared.stream import Output, Processor, Result, StreamLoop
 
@@ -36,13 +36,10 @@ class DetectorProcessor(Processor):
 
     name = "detector"
 
-    def __init__(self, settings: Settings, scorers: dict, cluster_scorer=None, log=None):
+    def __init__(self, settings: Settings, scorers: dict, cluster: BrokerMetricsScoring | None = None):
         self.settings = settings
         self.scorers = scorers  # topic -> Scorer
-        self.cluster = cluster_scorer  # scores settings.topic_kafka_metrics when a K-Means model is trained
-        self.reload_cluster = False
-        self.absorbed: dict[int, int] = {}  # kafka_metrics partition -> last offset the K-Means state absorbed
-        self.log = log
+        self.cluster = cluster  # scores settings.topic_kafka_metrics when a K-Means model is trained
         self.stats = Counter()
 
     def topics(self) -> list[str]:
@@ -55,7 +52,7 @@ class DetectorProcessor(Processor):
             by_topic[m.topic()].append(m)
         for topic, msgs in by_topic.items():
             if self.cluster is not None and topic == self.settings.topic_kafka_metrics:
-                self.score_scrapes(msgs, result)
+                self.cluster.score(msgs, result)
             elif topic in self.scorers:
                 self.score_metrics(topic, msgs, result)
             else:
@@ -83,65 +80,16 @@ class DetectorProcessor(Processor):
         self.stats["scored"] += len(values)
         self.stats["anomalies"] += sum(anomalous)
 
-    def score_scrapes(self, msgs: list, result: Result) -> None:
-        """Score kafka_metrics scrapes with the Real-Time K-Means; the state that absorbed them is
-        checkpointed (with their offsets) once the outputs are durable."""
-        s, scorer = self.settings, self.cluster
-        if self.reload_cluster:  # (re)assigned: continue from the newest checkpoint, whoever wrote it
-            self.log.info("K-Means state restored", source=scorer.restore(), model=scorer.name)
-            self.reload_cluster, self.absorbed = False, {}
-        good, records = [], []
-        for m in msgs:
-            if scorer.is_applied(m.partition(), m.offset()):
-                self.stats["already_in_checkpoint"] += 1  # scored before a crash; outputs already durable
-                continue
-            try:
-                records.append(decode_broker_metrics(m.value(), s.max_message_bytes))
-                good.append(m)
-            except ValueError as exc:
-                result.dead_letters.append((m, str(exc)))
-        if not records:
-            return
-        scored = scorer.score(records)
-        for j, (m, rec) in enumerate(zip(good, records)):
-            anomalous = bool(scored.flags[j])
-            value = encode_cluster_score_record(
-                rec.source, rec.timestamp, rec.metrics, scored.scores[j], scored.threshold, anomalous,
-                scored.nearest[j], scored.deviations[j], scorer.version, m.topic(), m.partition(), m.offset())
-            result.outputs.append(Output(s.topic_scores, value, rec.source.encode()))
-            if anomalous:
-                result.outputs.append(Output(s.topic_anomalies, value, rec.source.encode()))
-                self.stats["cluster_anomalies"] += 1
-            self.absorbed[m.partition()] = max(self.absorbed.get(m.partition(), -1), m.offset())
-        self.stats["cluster_scored"] += len(records)
-
     def checkpoint(self) -> None:
-        if self.absorbed:  # the K-Means state that includes these scrapes, before their offsets are committed
-            self.cluster.checkpoint(self.absorbed)
-            self.absorbed = {}
+        if self.cluster is not None:
+            self.cluster.checkpoint()
 
     def on_assign(self, partitions) -> None:
-        if any(p.topic == self.settings.topic_kafka_metrics for p in partitions):
-            self.reload_cluster = True
+        if self.cluster is not None:
+            self.cluster.on_assign(partitions)
 
     def progress(self) -> dict:
-        return dict(self.stats)
-
-
-def load_cluster_scorer(settings: Settings, log):
-    """The kafka_metrics scorer, or None (topic left unread, nothing lost) when no K-Means model is
-    trained; a model that is there but broken stops the worker like a broken model set."""
-    from models.kmeans.scorer import ClusterScorer
-
-    if not (settings.model_dir / settings.model_kafka_metrics / "realtime_kmeans.json").exists():
-        log.warning("no Real-Time K-Means model; kafka_metrics is not scored (run `anomstream train`)",
-                    model=settings.model_kafka_metrics)
-        return None
-    try:
-        return ClusterScorer(settings.model_dir, settings.model_kafka_metrics, settings.kmeans_state_dir)
-    except (ArtifactError, ValueError, KeyError) as exc:
-        log.error("cannot load the Real-Time K-Means model", error=str(exc))
-        sys.exit(EXIT_CONFIG_ERROR)
+        return dict(self.stats) | (dict(self.cluster.stats) if self.cluster is not None else {})
 
 
 def worker_main(settings: Settings, worker_id: int) -> None:
@@ -168,12 +116,16 @@ def worker_main(settings: Settings, worker_id: int) -> None:
     except (ArtifactError, ValueError) as exc:
         log.error("cannot load models", error=str(exc))
         sys.exit(EXIT_CONFIG_ERROR)
-    cluster_scorer = load_cluster_scorer(settings, log)
+    try:
+        cluster = BrokerMetricsScoring.load(settings, log)
+    except (ArtifactError, ValueError, KeyError) as exc:  # trained but broken: stop like a broken model set
+        log.error("cannot load the Real-Time K-Means model", error=str(exc))
+        sys.exit(EXIT_CONFIG_ERROR)
     # The models are loaded for good: move them out of the garbage collector's sight, or every
     # full collection walks ~500k TensorFlow objects (about 30% of a worker's time).
     gc.collect()
     gc.freeze()
-    worker = StreamLoop(settings, DetectorProcessor(settings, scorers, cluster_scorer, log),
+    worker = StreamLoop(settings, DetectorProcessor(settings, scorers, cluster),
                         settings.consumer_group, log)
     worker.stopping = stop["flag"]
     log.info("worker ready", topics=worker.processor.topics(), batch_size=settings.batch_size)
