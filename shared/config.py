@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(5000, ge=1, le=100_000)
     poll_timeout_s: float = Field(0.1, gt=0, le=60)
     max_message_bytes: int = Field(64 * 1024, ge=64)
+    # Largest record the services produce (librdkafka's message.max.bytes, and the dead_letter
+    # topic's max.message.bytes when anomstream creates it). A message to dead-letter that is
+    # larger goes there as a bounded summary (reason, origin, size, SHA-256, first bytes).
+    max_produce_bytes: int = Field(1_000_000, ge=16 * 1024, le=100 * 1024 * 1024)
     model_dir: Path | None = None  # default: <home>/models
     # Labelled reference data beside the repository (../shared/data when run from the repo root,
     # as `make` and the tests do), for training and replay.

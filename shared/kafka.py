@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -44,6 +45,9 @@ def make_producer(settings: Settings, **overrides) -> Producer:
         "batch.num.messages": 10000,
         "compression.type": "lz4",
         "queue.buffering.max.messages": 1_000_000,
+        # The dead_letter topic is created with the same max.message.bytes (ensure_topics); a
+        # dead letter over it goes out as a bounded summary (shared.stream).
+        "message.max.bytes": settings.max_produce_bytes,
     }
     conf.update(overrides)
     return Producer(conf)
@@ -76,7 +80,9 @@ def ensure_topics(settings: Settings, topics: dict[str, int] | None = None, time
     admin = make_admin(settings)
     existing = set(admin.list_topics(timeout=timeout).topics)
     missing = [
-        NewTopic(name, num_partitions=parts, replication_factor=settings.replication_factor)
+        NewTopic(name, num_partitions=parts, replication_factor=settings.replication_factor,
+                 config=({"max.message.bytes": str(settings.max_produce_bytes)}
+                         if name == settings.topic_dead_letter else {}))
         for name, parts in topics.items()
         if name not in existing
     ]
@@ -99,27 +105,82 @@ def ensure_topics(settings: Settings, topics: dict[str, int] | None = None, time
     raise TimeoutError(f"topics not visible after creation: {[t.topic for t in missing]}")
 
 
+@dataclass
+class Undelivered:
+    """A record the broker did not take, kept whole so it can be sent again or named exactly."""
+
+    topic: str
+    partition: int
+    key: bytes | None
+    value: bytes | None
+    headers: list | None
+    error: KafkaError
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}] key={(self.key or b'')[:64]!r}: {self.error.str()}"
+
+
+class UndeliveredError(KafkaException):
+    """Records the broker refused for good (not a timeout); nothing of theirs may be committed."""
+
+    def __init__(self, records: list[Undelivered]):
+        self.records = records
+        shown = "; ".join(str(r) for r in records[:10])
+        more = f" (+{len(records) - 10} more)" if len(records) > 10 else ""
+        super().__init__(f"{len(records)} messages failed delivery: {shown}{more}")
+
+
+# librdkafka gave up after message.timeout.ms (the broker was away): worth sending again.
+RESEND_ERRORS = {KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+                 KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_ENOUGH_REPLICAS,
+                 KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.LEADER_NOT_AVAILABLE,
+                 KafkaError.NOT_LEADER_FOR_PARTITION}
+
+
 class DeliveryTracker:
-    """Counts delivery reports so a caller can tell that everything it produced is durable."""
+    """Counts delivery reports and keeps every record the broker did not take, so that a caller
+    can tell that everything it produced is durable."""
 
     def __init__(self) -> None:
         self.delivered = 0
-        self.errors: list[str] = []
+        self.failed: list[Undelivered] = []
 
     def __call__(self, err, msg) -> None:
         if err is None:
             self.delivered += 1
         else:
-            self.errors.append(f"{msg.topic()}: {err.str()}")
+            self.failed.append(Undelivered(msg.topic(), msg.partition(), msg.key(), msg.value(), msg.headers(), err))
 
-    def flush(self, producer: Producer, timeout: float = 60) -> None:
-        """Wait for every outstanding delivery report; raise if any message failed."""
-        remaining = producer.flush(timeout)
-        if remaining:
-            raise KafkaException(f"{remaining} messages not acknowledged within {timeout}s")
-        if self.errors:
-            errors, self.errors = self.errors, []
-            raise KafkaException(f"{len(errors)} messages failed delivery: {errors[:3]}")
+    def take_failed(self) -> list[Undelivered]:
+        failed, self.failed = self.failed, []
+        return failed
+
+    def flush(self, producer: Producer, log=None, timeout: float | None = None) -> None:
+        """Wait until every record is acknowledged, however long the broker is away (or at most
+        `timeout` s, then KafkaException): a record that librdkafka gave up on after its
+        message.timeout.ms for a transient reason is sent again (at-least-once: it may have been
+        written). Raises UndeliveredError, naming each record, for records refused for good."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            waited = 0.0
+            while producer.flush(5.0 if deadline is None else max(0.0, min(5.0, deadline - time.monotonic()))) > 0:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise KafkaException(f"{len(producer)} messages not acknowledged within {timeout}s")
+                waited += 5.0
+                if log is not None:
+                    log.warning("waiting for the broker to acknowledge outputs", waited_s=waited,
+                                outstanding=len(producer))
+            failed = self.take_failed()
+            if not failed:
+                return
+            refused = [r for r in failed if r.error.code() not in RESEND_ERRORS]
+            if refused:
+                raise UndeliveredError(refused)
+            if log is not None:
+                log.warning("sending again records the broker did not acknowledge in time", count=len(failed),
+                            error=failed[0].error.str())
+            for r in failed:
+                produce(producer, r.topic, r.value, r.key, on_delivery=self, headers=r.headers)
 
 
 def produce(producer: Producer, topic: str, value: bytes, key: bytes | None = None, **kwargs) -> None:
@@ -182,6 +243,9 @@ def dead_letter(producer: Producer, settings: Settings, msg, reason: str, servic
 REBALANCE_COMMIT_ERRORS = {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
                            KafkaError.UNKNOWN_MEMBER_ID}
 
+COORDINATOR_ERRORS = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                      KafkaError.COORDINATOR_NOT_AVAILABLE}
+
 TRANSIENT_PARTITION_ERRORS = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
                               KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION}
 
@@ -206,12 +270,20 @@ def end_offsets(settings: Settings, topic: str, timeout: float = 10) -> dict[int
         consumer.close()
 
 
-def committed_offsets(settings: Settings, group: str, topic: str, partitions) -> dict[int, int]:
+def committed_offsets(settings: Settings, group: str, topic: str, partitions, timeout: float = 10) -> dict[int, int]:
     """partition -> the offset `group` has committed (0 when it has committed nothing)."""
     consumer = Consumer(client_config(settings) | {"group.id": group, "enable.auto.commit": False})
+    deadline = time.monotonic() + timeout
     try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
-        return {tp.partition: max(tp.offset, 0) for tp in tps}
+        while True:
+            try:
+                tps = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
+                return {tp.partition: max(tp.offset, 0) for tp in tps}
+            except KafkaException as exc:
+                # The group's coordinator can move or still be loading (a new group, a busy broker).
+                if exc.args[0].code() not in COORDINATOR_ERRORS or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         consumer.close()
 

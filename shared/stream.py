@@ -40,10 +40,15 @@ from shared.kafka import (
     produce,
     usable,
 )
-from shared.records.dead_letter import dead_letter_headers
+from shared.records.dead_letter import (
+    MAX_REASON_CHARS,
+    dead_letter_headers,
+    dead_letter_summary,
+)
 from shared.signals import stop_on_signals
 
 PROGRESS_EVERY_S = 10.0
+DEAD_LETTER_OVERHEAD = 4096  # headers and record framing beside a dead letter's key and value
 
 
 @dataclass
@@ -125,6 +130,8 @@ class StreamLoop:
         self.subscribed: list[str] | None = None
         self.dirty = False  # outputs or state not yet checkpointed
         self.failed = False  # an output was not acknowledged: nothing more may be committed
+        self.paused = False  # keep_alive paused the assignment
+        self.keeping_alive = False
         self.last_checkpoint = time.monotonic()
         self._stopping = False
         processor.attach(self)
@@ -144,7 +151,12 @@ class StreamLoop:
         messages = [m for m in messages if usable(m, self.log)]
         if not messages and not self.processor.ticks_when_idle:
             return
-        result = self.processor.process(messages, now)
+        try:
+            result = self.processor.process(messages, now)
+        except Exception:
+            self.log.exception("processing a batch failed; retrying its messages one at a time",
+                               messages=len(messages))
+            result = self.process_one_by_one(messages, now)
         for out in result.outputs:
             produce(self.producer, out.topic, out.value, out.key, on_delivery=self.tracker)
         for msg, reason in result.dead_letters:
@@ -163,12 +175,41 @@ class StreamLoop:
                            >= self.processor.checkpoint_interval_s):
             self.checkpoint()
 
+    def process_one_by_one(self, messages: list, now: float) -> Result:
+        """After a batch raised: each message on its own, so only the one that raises (a poison
+        pill) is dead-lettered with the exception, and the partition moves on. Work the failed
+        batch call did before raising may be done again: at-least-once."""
+        merged = Result()
+        for i, m in enumerate(messages):
+            try:
+                one = self.processor.process([m], now)
+            except Exception as exc:
+                self.log.exception("processing a message failed; dead-lettered", topic=m.topic(),
+                                   partition=m.partition(), offset=m.offset())
+                merged.dead_letters.append((m, f"processing failed: {type(exc).__name__}: {exc}"))
+                self.stats["processing_failures"] += 1
+                continue
+            merged.outputs += one.outputs
+            merged.dead_letters += one.dead_letters
+            merged.state_changed |= one.state_changed
+            if one.handled is not None:
+                merged.handled = i + one.handled
+                break
+        return merged
+
     def dead_letter(self, msg, reason: str) -> None:
-        """The original bytes and key, unchanged, with where they came from and why in headers."""
-        produce(self.producer, self.settings.topic_dead_letter, msg.value(), msg.key(), on_delivery=self.tracker,
-                headers=dead_letter_headers(reason, msg.topic(), msg.partition(), msg.offset(), self.processor.name))
+        """The original bytes and key, unchanged, with where they came from and why in headers; a
+        message too large to write again (over max_produce_bytes) as a bounded summary."""
+        value, key = msg.value(), msg.key()
+        headers = dead_letter_headers(reason, msg.topic(), msg.partition(), msg.offset(), self.processor.name)
+        if len(value or b"") + len(key or b"") + DEAD_LETTER_OVERHEAD > self.settings.max_produce_bytes:
+            value = dead_letter_summary(value, key, reason, msg.topic(), msg.partition(), msg.offset())
+            key, headers = (key or b"")[:256] or None, headers + [("dlq.summary", b"true")]
+            self.stats["dead_letter_summaries"] += 1
+        produce(self.producer, self.settings.topic_dead_letter, value, key, on_delivery=self.tracker,
+                headers=headers)
         self.log.warning("dead-lettered", topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
-                         reason=reason)
+                         reason=reason[:MAX_REASON_CHARS])
         self.stats["dead_lettered"] += 1
 
     def checkpoint(self) -> None:
@@ -176,7 +217,7 @@ class StreamLoop:
         if self.failed:
             return
         try:
-            self.tracker.flush(self.producer)  # raises if an output was not acknowledged
+            self.tracker.flush(self.producer, self.log)  # raises if an output was refused for good
         except Exception:
             # Nothing from here on is committed, not even by the revoke that closing the consumer
             # runs: the unacknowledged outputs' inputs are read again after the restart.
@@ -206,7 +247,24 @@ class StreamLoop:
         self.stats["commits"] += 1
 
     # -- group membership --------------------------------------------------------------------
+    def keep_alive(self) -> None:
+        """For a processor that waits long inside `process` (the alerter while Slack is down):
+        pause the assignment and poll, so this member stays in the group past
+        max.poll.interval.ms and rebalances are served. The next poll resumes the partitions at
+        the position after the batch in hand: nothing is skipped or read twice."""
+        self.keeping_alive = True
+        try:
+            self.consumer.pause(self.consumer.assignment())
+            msg = self.consumer.poll(0)
+            if msg is not None and not msg.error():  # a partition assigned meanwhile: read it later
+                self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+            self.paused = True
+        finally:
+            self.keeping_alive = False
+
     def _on_assign(self, _consumer, partitions) -> None:
+        if self.keeping_alive:
+            self.consumer.pause(partitions)
         self.processor.on_assign(partitions)
 
     def _on_revoke(self, _consumer, partitions) -> None:
@@ -243,6 +301,9 @@ class StreamLoop:
             while not self.stopping:
                 self.processor.refresh()
                 self._subscribe()
+                if self.paused:
+                    self.consumer.resume(self.consumer.assignment())
+                    self.paused = False
                 if self.subscribed:
                     msgs = self.consumer.consume(batch_size, s.poll_timeout_s)
                 else:

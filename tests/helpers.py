@@ -101,6 +101,9 @@ class FakeMsg:
     def timestamp(self):
         return (1, self._ts)  # (TIMESTAMP_CREATE_TIME, ms)
 
+    def headers(self):
+        return None
+
     def error(self):
         return None
 

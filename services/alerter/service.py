@@ -39,6 +39,8 @@ from shared.records.logs import LogSessionRecord
 from shared.records.rules import RuleFiringRecord
 from shared.stream import Processor, Result, StreamLoop
 
+KEEP_ALIVE_EVERY_S = 5.0  # well inside any max.poll.interval.ms
+
 
 @dataclass
 class Outcome:
@@ -60,6 +62,7 @@ class Alerter(Processor):
         self.settings = settings
         self.log = log
         self.slack = SlackNotifier(settings)
+        self.loop: StreamLoop | None = None
         # cooldown key (series, or "rule:<definition>:<group>") -> event time of the last alert posted
         self.last_alert: dict[str, float] = {}
         self.stats = Counter()
@@ -85,16 +88,31 @@ class Alerter(Processor):
                     if error in PERMANENT_CHANNEL_ERRORS:
                         refused.append(f"{channel}: {error}")
                         break
+                    # A 429's Retry-After is a floor for the next try.
+                    retry_after = float((exc.response.headers or {}).get("Retry-After", 0) or 0) \
+                        if exc.response is not None else 0.0
                     self.log.warning("slack post failed; will retry", error=str(exc), channel=channel,
-                                     retry_in_s=delay)
-                    time.sleep(delay)
+                                     retry_in_s=max(delay, retry_after))
+                    self.wait(max(delay, retry_after))
                     delay = min(delay * 2, 60)
                 except Exception as exc:  # slack-sdk's own retries are spent; keep the alert, wait, retry
                     self.log.warning("slack post failed; will retry", error=str(exc), channel=channel,
                                      retry_in_s=delay)
-                    time.sleep(delay)
+                    self.wait(delay)
                     delay = min(delay * 2, 60)
         return refused
+
+    def attach(self, loop: StreamLoop) -> None:
+        self.loop = loop
+
+    def wait(self, seconds: float) -> None:
+        """Back off before retrying Slack; the group keeps this member meanwhile (no
+        max.poll.interval.ms expiry, rebalances served), however long Slack stays down."""
+        while seconds > 0 and not self.stopping:
+            if self.loop is not None:
+                self.loop.keep_alive()
+            time.sleep(min(seconds, KEEP_ALIVE_EVERY_S))
+            seconds -= KEEP_ALIVE_EVERY_S
 
     def topics(self) -> list[str]:
         return [self.settings.topic_anomalies]
@@ -145,7 +163,7 @@ class Alerter(Processor):
                 dead_letter = f"slack refused the alert for good: {'; '.join(refused)}"
                 self.log.error("alert not deliverable", reason=dead_letter, series=rec.series)
             if len(refused) < len(self.slack.targets(channels or [])):
-                self.log.info("alert posted", kind=rec.kind, series=rec.series, timestamp=str(rec.timestamp),
+                self.log.info("alert posted", kind=rec.kind, series=rec.series, event_time=str(rec.timestamp),
                               **({"definition": rec.definition} if rec.kind == "rule" else {}))
                 self.stats["posted"] += 1
         self.last_alert[key] = event_time

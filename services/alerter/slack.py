@@ -26,11 +26,13 @@ class AnyServerErrorRetryHandler(RetryHandler):
 
 
 def retry_handlers() -> list[RetryHandler]:
+    """A few quick retries inside one post (a blip); a longer outage is waited out by the alerter,
+    which keeps its consumer-group membership alive meanwhile (slack-sdk's sleeps cannot)."""
     backoff = BackoffRetryIntervalCalculator(backoff_factor=0.5)
     return [
-        RateLimitErrorRetryHandler(max_retry_count=5),
-        AnyServerErrorRetryHandler(max_retry_count=4, interval_calculator=backoff),
-        ConnectionErrorRetryHandler(max_retry_count=4, interval_calculator=backoff),
+        RateLimitErrorRetryHandler(max_retry_count=1),
+        AnyServerErrorRetryHandler(max_retry_count=2, interval_calculator=backoff),
+        ConnectionErrorRetryHandler(max_retry_count=2, interval_calculator=backoff),
     ]
 
 

@@ -209,13 +209,13 @@ class RecordPublisher:
         produce(self.producer, self.topic, record.model_dump_json().encode(), record.source.encode(),
                 on_delivery=self.tracker)
         self.producer.poll(0)
-        if self.tracker.errors:
-            errors, self.tracker.errors = self.tracker.errors, []
-            self.log.error("records not delivered", count=len(errors), errors=errors[:3])
+        failed = self.tracker.take_failed()
+        if failed:  # a scrape is a moment's reading: the next one supersedes it, nothing to resend
+            self.log.error("records not delivered", count=len(failed), errors=[str(r) for r in failed[:3]])
 
     def close(self, timeout: float = 30) -> int:
         """Flush; returns the number of records the broker acknowledged."""
-        self.tracker.flush(self.producer, timeout)
+        self.tracker.flush(self.producer, self.log, timeout)
         return self.tracker.delivered
 
 

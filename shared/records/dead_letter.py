@@ -1,10 +1,21 @@
 """Dead letters on `dead_letter`: the original key and bytes, unchanged, with why and where from in
-headers (`dlq.error`, `dlq.topic`, `dlq.partition`, `dlq.offset`, `dlq.service`)."""
+headers (`dlq.error`, `dlq.topic`, `dlq.partition`, `dlq.offset`, `dlq.service`). A message too
+large to write again goes there as a bounded JSON summary instead (header `dlq.summary: true`)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
+import orjson
+
+MAX_REASON_CHARS = 1000  # a reason quoting a 10 KB key name stays a reason
+PREFIX_BYTES = 1024
+
 
 def dead_letter_headers(reason: str, topic: str, partition: int, offset: int, service: str) -> list[tuple[str, bytes]]:
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[:MAX_REASON_CHARS] + f"... ({len(reason)} characters)"
     return [
         ("dlq.error", reason.encode()),
         ("dlq.topic", topic.encode()),
@@ -13,3 +24,14 @@ def dead_letter_headers(reason: str, topic: str, partition: int, offset: int, se
         ("dlq.service", service.encode()),
     ]
 
+
+def dead_letter_summary(value: bytes | None, key: bytes | None, reason: str, topic: str, partition: int,
+                        offset: int) -> bytes:
+    """What stands for a message too large to write again: enough to find it (origin), recognise
+    it (size, SHA-256, its first bytes) and know why it was refused."""
+    value = value or b""
+    return orjson.dumps({
+        "reason": reason[:MAX_REASON_CHARS], "topic": topic, "partition": partition, "offset": offset,
+        "size": len(value), "key_size": len(key or b""), "sha256": hashlib.sha256(value).hexdigest(),
+        "prefix_base64": base64.b64encode(value[:PREFIX_BYTES]).decode(),
+    })

@@ -75,6 +75,15 @@ class FakeConsumer:
     def commit(self, offsets=None, asynchronous=True):
         self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
 
+    def assignment(self):
+        return []
+
+    def pause(self, partitions):
+        self.paused = True
+
+    def poll(self, timeout=None):
+        return None
+
 
 class LoopedAlerter:
     """The Alerter processor run by the real stream core one message at a time, as in the service,

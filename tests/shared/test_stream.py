@@ -5,6 +5,9 @@ still holds back is not committed."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import socket
 
 import pytest
@@ -13,6 +16,7 @@ from helpers import FakeMsg
 
 from shared.app_logging import setup_logging
 from shared.config import Settings
+from shared.kafka import UndeliveredError
 from shared.stream import Output, Processor, Result, StreamLoop
 
 
@@ -21,23 +25,30 @@ class Journal(list):
 
 
 class FakeProducer:
-    """Acknowledges a message only at flush(), as a broker would some time after produce()."""
+    """Acknowledges a message only at flush(), as a broker would some time after produce();
+    `fail` is the error of the next `failures` delivery reports."""
 
-    def __init__(self, journal: Journal, fail: bool = False):
-        self.journal, self.fail, self.pending = journal, fail, []
+    def __init__(self, journal: Journal, fail: int | None = None, failures: int = 10**9):
+        self.journal, self.fail, self.failures, self.pending = journal, fail, failures, []
 
     def produce(self, topic, value=None, key=None, on_delivery=None, headers=None):
         self.journal.append(("produce", topic, value, tuple(headers or ())))
-        self.pending.append(on_delivery)
+        self.pending.append((on_delivery, FakeMsg(value, key=key, topic=topic)))
 
     def poll(self, timeout=0):
         return 0
 
+    def __len__(self):
+        return len(self.pending)
+
     def flush(self, timeout=None):
-        for callback in self.pending:
-            callback(KafkaError(KafkaError._MSG_TIMED_OUT) if self.fail else None, FakeMsg(b"", topic="out"))
-        self.journal.append(("acknowledged", len(self.pending)))
-        self.pending = []
+        pending, self.pending = self.pending, []
+        for callback, msg in pending:
+            error = None
+            if self.fail is not None and self.failures > 0:
+                error, self.failures = KafkaError(self.fail), self.failures - 1
+            callback(error, msg)
+        self.journal.append(("acknowledged", len(pending)))
         return 0
 
 
@@ -91,9 +102,10 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def make_loop(processor, journal, fail=False, refuse=None) -> StreamLoop:
-    settings = Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", topic_dead_letter="dlq")
-    loop = StreamLoop(settings, processor, "g", setup_logging(settings, "test"), producer=FakeProducer(journal, fail))
+def make_loop(processor, journal, fail=None, refuse=None, failures=10**9, **overrides) -> StreamLoop:
+    settings = Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", topic_dead_letter="dlq", **overrides)
+    loop = StreamLoop(settings, processor, "g", setup_logging(settings, "test"),
+                      producer=FakeProducer(journal, fail, failures))
     loop.consumer.close()
     loop.consumer = FakeConsumer(journal, refuse)
     return loop
@@ -125,7 +137,7 @@ def test_dead_letter_keeps_the_bytes_and_says_why_and_where_from():
 
 def test_an_output_the_broker_refused_stops_the_commit():
     journal = Journal()
-    loop = make_loop(Doubler(journal), journal, fail=True)
+    loop = make_loop(Doubler(journal), journal, fail=KafkaError.TOPIC_AUTHORIZATION_FAILED)
     with pytest.raises(KafkaException, match="failed delivery"):
         loop.handle(msgs(b"1"), 0.0)
     assert not [e for e in journal if e[0] in ("checkpoint", "commit")]
@@ -188,10 +200,10 @@ def test_stopping_reaches_the_processor():
 
 def test_after_a_refused_output_not_even_the_revoke_commits():
     journal = Journal()
-    loop = make_loop(Doubler(journal), journal, fail=True)
+    loop = make_loop(Doubler(journal), journal, fail=KafkaError.MSG_SIZE_TOO_LARGE)
     with pytest.raises(KafkaException):
         loop.handle(msgs(b"1"), 0.0)
-    loop.producer.fail = False
+    loop.producer.fail = None
     loop._on_revoke(None, [TopicPartition("in", 0)])  # what closing the consumer runs
     assert not [e for e in journal if e[0] in ("checkpoint", "commit")]
 
@@ -210,3 +222,60 @@ def test_a_commit_refused_by_a_rebalance_is_retried_at_revoke():
     loop.consumer.refuse = None
     loop._on_revoke(None, [TopicPartition("in", 0)])
     assert journal[-1] == ("commit", [("in", 0, 11)])
+
+
+def test_records_that_timed_out_in_a_broker_outage_are_sent_again_not_fatal():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal, fail=KafkaError._MSG_TIMED_OUT, failures=2)
+    loop.handle(msgs(b"1", b"2"), 0.0)
+    sent = [e[2] for e in journal if e[0] == "produce"]
+    assert sent == [b"11", b"22", b"11", b"22"]  # both again, after librdkafka gave up on them
+    assert journal[-1] == ("commit", [("in", 0, 12)])
+
+
+def test_a_refused_record_is_named_in_the_error():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal, fail=KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    with pytest.raises(UndeliveredError) as info:
+        loop.handle(msgs(b"7"), 0.0)
+    (record,) = info.value.records
+    assert (record.topic, record.value, record.key) == ("out", b"77", b"k")
+    assert "out[" in str(info.value)
+
+
+def test_a_message_too_large_to_write_again_is_dead_lettered_as_a_bounded_summary():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal, max_produce_bytes=16 * 1024)
+    big = b"x" * 50_000
+    processor = loop.processor
+    processor.process = lambda messages, now: Result(dead_letters=[(m, "too large: " + "k" * 5000) for m in messages])
+    loop.handle(msgs(big), 0.0)
+    (_, topic, value, headers), = [e for e in journal if e[0] == "produce"]
+    headers = dict(headers)
+    assert topic == "dlq" and len(value) < 4096 and headers["dlq.summary"] == b"true"
+    summary = json.loads(value)
+    assert summary["size"] == 50_000 and summary["sha256"] == hashlib.sha256(big).hexdigest()
+    assert base64.b64decode(summary["prefix_base64"]) == big[:1024]
+    assert (summary["topic"], summary["partition"], summary["offset"]) == ("in", 0, 10)
+    assert len(headers["dlq.error"]) < 1100  # a reason quoting a huge name stays bounded
+    assert journal[-1] == ("commit", [("in", 0, 11)])  # and the partition moves on
+
+
+def test_a_message_that_makes_processing_raise_is_dead_lettered_and_the_rest_scored():
+    journal = Journal()
+    processor = Doubler(journal)
+    real = processor.process
+
+    def process(messages, now):
+        if any(m.value() == b"boom" for m in messages):
+            raise ZeroDivisionError("division by zero")
+        return real(messages, now)
+
+    processor.process = process
+    loop = make_loop(processor, journal)
+    loop.handle(msgs(b"1", b"boom", b"3"), 0.0)
+    produced = [(e[1], e[2]) for e in journal if e[0] == "produce"]
+    assert produced == [("out", b"11"), ("out", b"33"), ("dlq", b"boom")]
+    (headers,) = [dict(e[3]) for e in journal if e[0] == "produce" and e[1] == "dlq"]
+    assert headers["dlq.error"] == b"processing failed: ZeroDivisionError: division by zero"
+    assert journal[-1] == ("commit", [("in", 0, 13)])
