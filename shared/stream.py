@@ -40,6 +40,7 @@ from shared.kafka import (
     produce,
     usable,
 )
+from shared.poison import PoisonGuard
 from shared.records.dead_letter import (
     MAX_REASON_CHARS,
     dead_letter_headers,
@@ -130,6 +131,7 @@ class StreamLoop:
         self.subscribed: list[str] | None = None
         self.dirty = False  # outputs or state not yet checkpointed
         self.failed = False  # an output was not acknowledged: nothing more may be committed
+        self.guard = PoisonGuard(settings.home / "state" / "in_hand" / group)
         self.paused = False  # keep_alive paused the assignment
         self.keeping_alive = False
         self.last_checkpoint = time.monotonic()
@@ -151,12 +153,26 @@ class StreamLoop:
         messages = [m for m in messages if usable(m, self.log)]
         if not messages and not self.processor.ticks_when_idle:
             return
-        try:
-            result = self.processor.process(messages, now)
-        except Exception:
-            self.log.exception("processing a batch failed; retrying its messages one at a time",
-                               messages=len(messages))
-            result = self.process_one_by_one(messages, now)
+        careful, poison = self.guard.begin(messages) if messages else (False, {})
+        pills = [m for m in messages if (m.topic(), m.partition(), m.offset()) in poison]
+        if pills:
+            messages = [m for m in messages if (m.topic(), m.partition(), m.offset()) not in poison]
+        if careful:
+            self.log.warning("a process died with these messages in hand; taking them one at a time",
+                             messages=len(messages))
+            result = self.process_one_by_one(messages, now, note=True)
+        else:
+            try:
+                result = self.processor.process(messages, now)
+            except Exception:
+                self.log.exception("processing a batch failed; retrying its messages one at a time",
+                                   messages=len(messages))
+                result = self.process_one_by_one(messages, now)
+        if pills and result.handled is None:  # a poison pill is done with once dead-lettered
+            for m in pills:
+                deaths = poison[(m.topic(), m.partition(), m.offset())]
+                result.dead_letters.append((m, f"poison pill: the process died {deaths} times while processing it"))
+            messages += pills
         for out in result.outputs:
             produce(self.producer, out.topic, out.value, out.key, on_delivery=self.tracker)
         for msg, reason in result.dead_letters:
@@ -175,12 +191,15 @@ class StreamLoop:
                            >= self.processor.checkpoint_interval_s):
             self.checkpoint()
 
-    def process_one_by_one(self, messages: list, now: float) -> Result:
+    def process_one_by_one(self, messages: list, now: float, note: bool = False) -> Result:
         """After a batch raised: each message on its own, so only the one that raises (a poison
         pill) is dead-lettered with the exception, and the partition moves on. Work the failed
-        batch call did before raising may be done again: at-least-once."""
+        batch call did before raising may be done again: at-least-once. With `note`, each message
+        is noted on disk before it starts (shared.poison), for the process that may die on it."""
         merged = Result()
         for i, m in enumerate(messages):
+            if note:
+                self.guard.at(m)
             try:
                 one = self.processor.process([m], now)
             except Exception as exc:
@@ -195,6 +214,8 @@ class StreamLoop:
             if one.handled is not None:
                 merged.handled = i + one.handled
                 break
+        if note:
+            self.guard.clear_at(messages)
         return merged
 
     def dead_letter(self, msg, reason: str) -> None:
@@ -244,6 +265,7 @@ class StreamLoop:
             return
         for tp in offsets:
             self.committed[(tp.topic, tp.partition)] = tp.offset
+        self.guard.committed({(tp.topic, tp.partition): tp.offset for tp in offsets})
         self.stats["commits"] += 1
 
     # -- group membership --------------------------------------------------------------------

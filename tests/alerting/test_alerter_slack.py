@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import tempfile
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -125,7 +126,8 @@ class LoopedAlerter:
 @pytest.fixture
 def make_alerter():
     def make(**overrides) -> LoopedAlerter:
-        return LoopedAlerter(Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", **overrides))
+        return LoopedAlerter(Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", home=tempfile.mkdtemp(),
+                                      **overrides))
 
     yield make
 

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import socket
+import tempfile
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -103,7 +104,8 @@ def closed_port() -> int:
 
 
 def make_loop(processor, journal, fail=None, refuse=None, failures=10**9, **overrides) -> StreamLoop:
-    settings = Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", topic_dead_letter="dlq", **overrides)
+    settings = Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", topic_dead_letter="dlq",
+                        home=overrides.pop("home", None) or tempfile.mkdtemp(), **overrides)
     loop = StreamLoop(settings, processor, "g", setup_logging(settings, "test"),
                       producer=FakeProducer(journal, fail, failures))
     loop.consumer.close()
@@ -279,3 +281,42 @@ def test_a_message_that_makes_processing_raise_is_dead_lettered_and_the_rest_sco
     (headers,) = [dict(e[3]) for e in journal if e[0] == "produce" and e[1] == "dlq"]
     assert headers["dlq.error"] == b"processing failed: ZeroDivisionError: division by zero"
     assert journal[-1] == ("commit", [("in", 0, 13)])
+
+
+def test_a_message_the_process_dies_on_is_dead_lettered_after_two_deaths(tmp_path):
+    """Each 'process' is a new loop (a new token) on the same data directory; dying = leaving the
+    loop without a commit, as a crash (os._exit, out of memory) would."""
+    payloads = (b"1", b"2", b"kill", b"4")
+
+    def attempt(die_on: bytes | None) -> Journal:
+        journal = Journal()
+        processor = Doubler(journal)
+        real = processor.process
+
+        def process(messages, now):
+            if any(m.value() == die_on for m in messages):
+                raise SystemExit("the process dies")  # not an Exception: nothing catches it
+            return real(messages, now)
+
+        processor.process = process
+        loop = make_loop(processor, journal, home=str(tmp_path))
+        try:
+            loop.handle(msgs(*payloads), 0.0)
+        except SystemExit:
+            pass
+        return journal
+
+    for _ in range(2):  # dies twice on the batch
+        assert not [e for e in attempt(b"kill") if e[0] == "commit"]
+    third = attempt(b"kill")  # taken one at a time; dies on "kill" after noting it
+    assert not [e for e in third if e[0] == "commit"]
+    fourth = attempt(b"kill")  # "kill" is dead-lettered, the others processed, the batch committed
+    produced = [(e[1], e[2]) for e in fourth if e[0] == "produce"]
+    assert produced == [("out", b"11"), ("out", b"22"), ("out", b"44"), ("dlq", b"kill")]
+    (headers,) = [dict(e[3]) for e in fourth if e[0] == "produce" and e[1] == "dlq"]
+    assert headers["dlq.error"].startswith(b"poison pill: the process died")
+    assert fourth[-1] == ("commit", [("in", 0, 14)])
+    assert not list((tmp_path / "state" / "in_hand").rglob("*.json"))  # the note is done with
+    fifth = attempt(None)  # the same offsets again (say, a reset group): no note, a plain batch
+    assert [(e[1], e[2]) for e in fifth if e[0] == "produce"] == [("out", b"11"), ("out", b"22"),
+                                                                   ("out", b"killkill"), ("out", b"44")]

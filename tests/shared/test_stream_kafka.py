@@ -12,7 +12,13 @@ import pytest
 from helpers import as_settings, wait_until
 from slack_server import VALID_TOKEN, SlackTestServer
 
-from shared.kafka import committed_offsets, end_offsets, ensure_topics, make_producer, read_topic
+from shared.kafka import (
+    committed_offsets,
+    end_offsets,
+    ensure_topics,
+    make_producer,
+    read_topic,
+)
 from shared.records.metrics import ScoreRecord
 
 pytestmark = pytest.mark.kafka
