@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,14 @@ class Settings(BaseSettings):
     ssl_ca_location: str | None = None
     # Any other librdkafka property, as JSON: ANOMSTREAM_KAFKA_EXTRA='{"client.rack": "a"}'.
     kafka_extra: dict[str, str | int | float | bool] = {}
+    # This copy of the services in their consumer groups (static membership, librdkafka's
+    # group.instance.id): each long-running consumer joins as "<group>-<service>-<instance_id>", a
+    # detector worker with "-<worker>" after it. A member that crashed and is started again under
+    # the same id gets its partitions back at once instead of after the session timeout (45 s).
+    # Default: the host name. Two copies of one service in one group must differ here (two on one
+    # host: set it for each); the same id twice fences the older one out of the group.
+    instance_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128,
+                             pattern=r"^[A-Za-z0-9._-]+$")
 
     # --- Topics
     topic_input: str = "input_data"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -53,7 +54,55 @@ def make_producer(settings: Settings, **overrides) -> Producer:
     return Producer(conf)
 
 
-def make_consumer(settings: Settings, group_id: str, **overrides) -> Consumer:
+class GroupConsumer(Consumer):
+    """A Consumer that leaves its group on close() also as a static member (group.instance.id).
+
+    librdkafka's close() keeps a static member in the group until session.timeout.ms (KIP-345), so
+    that the same member, started again, takes its partitions back without a rebalance. A service
+    that stops on purpose (SIGTERM, its supervisor gone) leaves instead, as a dynamic member does:
+    its partitions go to the other members at once, whether or not it comes back. Only a member
+    that dies without closing stays, and the copy started in its place under the same id resumes
+    its partitions at once (without static membership it waited for the session timeout)."""
+
+    def __init__(self, conf: dict, leave_on_close: bool = True):
+        super().__init__(conf)
+        self.instance_id: str | None = conf.get("group.instance.id") or None
+        self.static = self.instance_id is not None
+        self.leave_on_close = leave_on_close
+        self.subscribed = False
+
+    def subscribe(self, topics, *args, **kwargs):
+        super().subscribe(topics, *args, **kwargs)
+        self.subscribed = True
+
+    def unsubscribe(self):
+        super().unsubscribe()
+        self.subscribed = False
+
+    def leave_group(self, timeout: float = 10) -> None:
+        """Unsubscribe (a static member then leaves, librdkafka sends LeaveGroup) and serve the
+        revoke, which runs the on_revoke callback as close() would (the stream core commits there)."""
+        try:
+            self.unsubscribe()
+        except KafkaException:  # a fatal state (fenced): nothing to leave
+            return
+        deadline = time.monotonic() + timeout
+        # The revoke is served by a poll; librdkafka sends LeaveGroup once the partitions are given
+        # up, and forgets the member id then.
+        while (self.assignment() or self.memberid()) and time.monotonic() < deadline:
+            self.poll(0.05)  # a message polled now is not handled: the next owner reads it again
+
+    def close(self) -> None:
+        try:
+            if self.static and self.leave_on_close and self.subscribed:
+                self.leave_group()
+        finally:
+            super().close()
+
+
+def make_consumer(settings: Settings, group_id: str, instance_id: str | None = None, leave_on_close: bool = True,
+                  **overrides) -> GroupConsumer:
+    """A consumer of `group_id`; with `instance_id` a static member of it (group_instance_id())."""
     conf = client_config(settings) | {
         "group.id": group_id,
         # Offsets are committed by hand, after the batch's outputs are acknowledged.
@@ -66,8 +115,26 @@ def make_consumer(settings: Settings, group_id: str, **overrides) -> Consumer:
         # cooperative-sticky balance over both topics together often left one worker without any).
         "partition.assignment.strategy": "range",
     }
+    if instance_id:
+        conf["group.instance.id"] = instance_id
     conf.update(overrides)
-    return Consumer(conf)
+    return GroupConsumer(conf, leave_on_close)
+
+
+def group_instance_id(settings: Settings, group_id: str, service: str, worker: int | None = None) -> str:
+    """The static member id of this copy of `service` in `group_id`: stable across restarts, unique
+    per member as long as settings.instance_id differs between copies (its default: the host name).
+    The service's name keeps two services that share a group name apart."""
+    parts = [group_id, service, settings.instance_id] + ([str(worker)] if worker is not None else [])
+    return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts))[:249]  # the broker's rule for the id
+
+
+def use_static_membership(loop, settings: Settings, group_id: str, service: str, worker: int | None = None) -> None:
+    """Give a StreamLoop, before it runs, a consumer that is a static member of `group_id`.
+    Interim, until StreamLoop takes the instance id itself: its own consumer, not subscribed yet,
+    is closed and replaced."""
+    loop.consumer.close()
+    loop.consumer = make_consumer(settings, group_id, group_instance_id(settings, group_id, service, worker))
 
 
 def make_admin(settings: Settings) -> AdminClient:
@@ -217,12 +284,22 @@ def send(settings: Settings, topic: str, keys: list[bytes], values: list[bytes],
     return tracker.delivered
 
 
+class FencedError(RuntimeError):
+    """Another consumer joined the group with this one's group.instance.id and took its place."""
+
+
 def usable(msg, log) -> bool:
     """False for a consumer event that is not a message (logged); raises on a fatal error."""
     if not msg.error():
         return True
-    if msg.error().fatal():
-        raise RuntimeError(f"fatal consumer error: {msg.error()}")
+    err = msg.error()
+    # librdkafka hands a fatal error to the consumer as an event of code _FATAL, whose own fatal()
+    # is false; after it the consumer receives nothing more.
+    if err.fatal() or err.code() == KafkaError._FATAL:
+        if "group.instance.id" in err.str():
+            raise FencedError(f"fenced out of the consumer group: another member joined with this one's "
+                              f"group.instance.id (two copies with the same ANOMSTREAM_INSTANCE_ID?): {err.str()}")
+        raise RuntimeError(f"fatal consumer error: {err}")
     log.warning("consumer error", error=str(msg.error()))
     return False
 

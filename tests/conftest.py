@@ -96,8 +96,8 @@ def services(tmp_path):
     """Start services with services(name, overrides); all are stopped when the test ends."""
     started: list[Service] = []
 
-    def start(name: str, overrides: dict, *args: str) -> Service:
-        svc = Service(name, overrides, tmp_path, *args)
+    def start(name: str, overrides: dict, *args: str, env: dict | None = None) -> Service:
+        svc = Service(name, overrides, tmp_path, *args, env=env)
         started.append(svc)
         return svc
 

@@ -29,17 +29,18 @@ def as_settings(overrides: dict) -> Settings:
 class Service:
     """A service started as its own process (`python -m services.NAME`), as in production."""
 
-    def __init__(self, name: str, overrides: dict, log_dir: Path, *args: str):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ANOMSTREAM_")}
-        env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    def __init__(self, name: str, overrides: dict, log_dir: Path, *args: str, env: dict | None = None):
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ANOMSTREAM_")}
+        environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
         # Lists and dicts reach pydantic-settings as JSON, as an operator would write them.
-        env |= {f"ANOMSTREAM_{k.upper()}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-                for k, v in overrides.items()}
+        environ |= {f"ANOMSTREAM_{k.upper()}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                    for k, v in overrides.items()}
+        environ |= env or {}  # other variables, e.g. PYTHONPATH
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=REPO_ROOT,
-                                     env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
+                                     env=environ, stdout=self.log_file, stderr=subprocess.STDOUT)
 
     @property
     def log(self) -> str:
@@ -58,6 +59,29 @@ class Service:
                 self.proc.wait()
         self.log_file.close()
         return self.proc.returncode
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The detector's worker processes (not multiprocessing's resource tracker, also a child)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie that no one reaped yet has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
 
 
 def wait_until(condition, timeout: float, what: str, services_to_watch=()):

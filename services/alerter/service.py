@@ -33,6 +33,7 @@ from services.alerter.slack import PERMANENT_CHANNEL_ERRORS, SlackNotifier
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
+from shared.kafka import use_static_membership
 from shared.records.anomalies import anomaly_record_adapter
 from shared.records.kmeans import ClusterScoreRecord
 from shared.records.logs import LogSessionRecord
@@ -181,7 +182,9 @@ def command() -> int:
     if not alerter.slack.configured:
         log.warning("slack is not configured (ANOMSTREAM_SLACK_BOT_TOKEN or "
                     "ANOMSTREAM_SLACK_WEBHOOK_URL); alerts are only logged")
-    StreamLoop(settings, alerter, settings.alerter_group, log).serve()
+    loop = StreamLoop(settings, alerter, settings.alerter_group, log)
+    use_static_membership(loop, settings, settings.alerter_group, "alerter")  # a restart resumes at once
+    loop.serve()
     return 0
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 
@@ -24,11 +26,49 @@ from services.detector.kmeans import BrokerMetricsScoring
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
-from shared.kafka import ensure_topics
+from shared.kafka import FencedError, ensure_topics, use_static_membership
 from shared.records.metrics import decode_metrics, encode_score_records
 from shared.stream import Output, Processor, Result, StreamLoop
 
-EXIT_CONFIG_ERROR = 2  # a worker that cannot load its models is not restarted
+EXIT_CONFIG_ERROR = 2  # a worker that cannot load its models (or was fenced out) is not restarted
+
+
+class RestartBackoff:
+    """The wait before restarting one worker slot's dead worker: `first` seconds, doubling up to
+    `most` while its workers keep dying young; back to `first` once one stayed up `stable` seconds."""
+
+    def __init__(self, first: float = 1.0, most: float = 60.0, stable: float = 60.0):
+        self.first, self.most, self.stable = first, most, stable
+        self.next = first
+
+    def delay(self, uptime: float) -> float:
+        if uptime >= self.stable:
+            self.next = self.first
+        delay, self.next = self.next, min(self.next * 2, self.most)
+        return delay
+
+
+def watch_supervisor(on_gone) -> bool:
+    """Call `on_gone()` from a daemon thread as soon as the process that spawned this one exits,
+    however it died (SIGKILL included); False if this process was not started by multiprocessing.
+
+    multiprocessing's parent sentinel is the read end of the pipe the parent spawned this process
+    through; the parent's end closes when it exits, and the read end becomes readable. The parent
+    pid check confirms it (this process was re-parented) and closes the race with a parent that
+    died before the thread started: the sentinel is readable already then."""
+    parent = mp.parent_process()
+    if parent is None:
+        return False
+
+    def watch() -> None:
+        while True:
+            parent.join(5)  # returns at once when the parent has exited
+            if os.getppid() != parent.pid:
+                on_gone()
+                return
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+    return True
 
 
 class DetectorProcessor(Processor):
@@ -94,22 +134,32 @@ class DetectorProcessor(Processor):
 
 def worker_main(settings: Settings, worker_id: int) -> None:
     # Ctrl-C reaches every process in the group; both signals mean "finish the batch, commit, exit".
+    # So does the supervisor's death: a worker left behind would stay in the consumer group, and a
+    # new detector would start a second set beside it.
     stop = {"flag": False}
     worker: StreamLoop | None = None
 
-    def on_signal(_sig, _frame):
+    def request_stop() -> None:
         stop["flag"] = True
         if worker is not None:
             worker.stopping = True
 
+    def on_signal(_sig, _frame):
+        request_stop()
+
+    def on_supervisor_gone() -> None:
+        request_stop()
+        log.warning("supervisor gone; stopping", worker=worker_id)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log = setup_logging(settings, "detector").bind(worker=worker_id)
+    watch_supervisor(on_supervisor_gone)
     from models.metrics.lstm_autoencoder import configure_tensorflow
     from models.metrics.model_set import ModelSet
     from models.metrics.scorer import Scorer
 
     configure_tensorflow(1)
-    log = setup_logging(settings, "detector").bind(worker=worker_id)
     try:
         scorers = {topic: Scorer(ModelSet.load(settings.model_dir, name), settings.combine, settings.decision)
                    for topic, name in settings.topic_models().items()}
@@ -127,13 +177,26 @@ def worker_main(settings: Settings, worker_id: int) -> None:
     gc.freeze()
     worker = StreamLoop(settings, DetectorProcessor(settings, scorers, cluster),
                         settings.consumer_group, log)
+    # A static member, "<group>-detector-<instance>-<worker>": the worker restarted in this slot takes
+    # the dead one's partitions back at once. Once StreamLoop takes an instance id, it goes there:
+    # StreamLoop(..., instance_id=group_instance_id(settings, settings.consumer_group, "detector", worker_id)).
+    use_static_membership(worker, settings, settings.consumer_group, "detector", worker_id)
     worker.stopping = stop["flag"]
-    log.info("worker ready", topics=worker.processor.topics(), batch_size=settings.batch_size)
-    worker.run()
+    log.info("worker ready", topics=worker.processor.topics(), batch_size=settings.batch_size,
+             group_instance_id=worker.consumer.instance_id)
+    try:
+        worker.run()
+    except FencedError as exc:
+        # Another detector runs with this one's ANOMSTREAM_INSTANCE_ID: restarting would fence it in
+        # turn, back and forth. Stop, and let the supervisor say why.
+        log.error("fenced out of the consumer group; stopping", error=str(exc))
+        sys.exit(EXIT_CONFIG_ERROR)
 
 
 def supervise(settings: Settings) -> int:
-    """Run settings.workers worker processes; restart one that dies; stop all on SIGTERM/SIGINT."""
+    """Run settings.workers worker processes; restart one that dies (after a delay that grows while
+    the slot's workers keep dying young: RestartBackoff); stop all on SIGTERM/SIGINT. A worker stops
+    by itself when the supervisor is gone (watch_supervisor)."""
     from models.metrics.model_set import ModelSet
 
     log = setup_logging(settings, "detector")
@@ -142,11 +205,15 @@ def supervise(settings: Settings) -> int:
     ensure_topics(settings)
     ctx = mp.get_context("spawn")  # TensorFlow is not fork-safe
     procs: dict[int, mp.Process] = {}
+    started: dict[int, float] = {}  # slot -> when its worker was started
+    backoff = {i: RestartBackoff() for i in range(settings.workers)}
+    restart_at: dict[int, float] = {}  # slot -> when its dead worker is started again
     stopping = False
 
     def start(i: int) -> None:
         procs[i] = ctx.Process(target=worker_main, args=(settings, i), name=f"detector-{i}")
         procs[i].start()
+        started[i] = time.monotonic()
 
     def on_signal(_sig, _frame):
         nonlocal stopping
@@ -159,16 +226,27 @@ def supervise(settings: Settings) -> int:
     log.info("detector started", workers=settings.workers, topics=settings.topic_models())
     exit_code = 0
     while not stopping:
-        time.sleep(0.5)
+        time.sleep(0.2)
         for i, p in list(procs.items()):
-            if p.is_alive() or stopping:
+            if stopping:
+                break
+            if i in restart_at:
+                if time.monotonic() >= restart_at[i]:
+                    del restart_at[i]
+                    start(i)
+                continue
+            if p.is_alive():
                 continue
             if p.exitcode == EXIT_CONFIG_ERROR:
                 log.error("worker cannot start; stopping", worker=i)
                 stopping, exit_code = True, 1
                 break
-            log.warning("worker died; restarting", worker=i, exitcode=p.exitcode)
-            start(i)
+            # A worker that dies on every start is restarted ever more slowly, not in a tight loop.
+            uptime = time.monotonic() - started[i]
+            delay = backoff[i].delay(uptime)
+            log.warning("worker died; restarting", worker=i, exitcode=p.exitcode, uptime_s=round(uptime, 1),
+                        restart_in_s=delay)
+            restart_at[i] = time.monotonic() + delay
     for p in procs.values():
         if p.is_alive():
             p.terminate()  # SIGTERM: the worker finishes its batch and commits

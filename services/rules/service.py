@@ -37,6 +37,7 @@ from shared.cli import CONTEXT, PATH, run_command, verbatim
 from shared.config import Settings, load_settings
 from shared.kafka import (
     ensure_topics,
+    use_static_membership,
 )
 from shared.records.rules import RuleFiringRecord, decode_object
 from shared.stream import Output, Processor, Result, StreamLoop
@@ -198,7 +199,9 @@ def command(rules_dir: Path | None, environment: str | None) -> int:
     overrides = {k: v for k, v in {"rules_dir": rules_dir, "environment": environment}.items() if v}
     settings = load_settings(**overrides)
     log = setup_logging(settings, "rules")
-    StreamLoop(settings, RulesProcessor(settings, log), settings.rules_group, log).serve(
+    loop = StreamLoop(settings, RulesProcessor(settings, log), settings.rules_group, log)
+    use_static_membership(loop, settings, settings.rules_group, "rules")  # a restart resumes at once
+    loop.serve(
         rules_dir=str(settings.rules_dir), environment=settings.environment,
         history=settings.rules_db_url.split("@")[-1])
     return 0

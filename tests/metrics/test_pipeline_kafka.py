@@ -7,11 +7,10 @@ import signal
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import orjson
 import pytest
-from helpers import as_settings, series_frame, wait_until
+from helpers import as_settings, series_frame, wait_until, worker_pids
 from slack_server import VALID_TOKEN, SlackTestServer
 
 from shared.kafka import (
@@ -133,20 +132,6 @@ def test_malformed_messages_go_to_dead_letter_with_reasons(pipeline_settings, se
     assert count(settings, settings.topic_scores) == 70
     assert "worker died" not in detector.log
     assert detector.alive()
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The detector's worker processes (not multiprocessing's resource tracker, also a child)."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if ppid == parent and b"spawn_main" in cmdline:
-            pids.append(int(proc.name))
-    return pids
 
 
 def test_worker_killed_mid_stream_leaves_no_gap(pipeline_settings, services):
