@@ -129,14 +129,6 @@ def group_instance_id(settings: Settings, group_id: str, service: str, worker: i
     return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts))[:249]  # the broker's rule for the id
 
 
-def use_static_membership(loop, settings: Settings, group_id: str, service: str, worker: int | None = None) -> None:
-    """Give a StreamLoop, before it runs, a consumer that is a static member of `group_id`.
-    Interim, until StreamLoop takes the instance id itself: its own consumer, not subscribed yet,
-    is closed and replaced."""
-    loop.consumer.close()
-    loop.consumer = make_consumer(settings, group_id, group_instance_id(settings, group_id, service, worker))
-
-
 def make_admin(settings: Settings) -> AdminClient:
     return AdminClient(client_config(settings))
 

@@ -118,11 +118,13 @@ class Processor:
 class StreamLoop:
     """Runs one processor on one consumer and one producer until `stopping` is set."""
 
-    def __init__(self, settings: Settings, processor: Processor, group: str, log, producer=None):
+    def __init__(self, settings: Settings, processor: Processor, group: str, log, producer=None,
+                 instance_id: str | None = None):
         self.settings = settings
         self.processor = processor
         self.log = log
-        self.consumer = make_consumer(settings, group)
+        # A static member (shared.kafka.group_instance_id): a restart takes its partitions back at once.
+        self.consumer = make_consumer(settings, group, instance_id)
         self.producer = producer if producer is not None else make_producer(settings)
         self.tracker = DeliveryTracker()
         self.stats: Counter = Counter()

@@ -33,7 +33,7 @@ from services.alerter.slack import PERMANENT_CHANNEL_ERRORS, SlackNotifier
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
-from shared.kafka import use_static_membership
+from shared.kafka import group_instance_id
 from shared.records.anomalies import anomaly_record_adapter
 from shared.records.kmeans import ClusterScoreRecord
 from shared.records.logs import LogSessionRecord
@@ -182,8 +182,8 @@ def command() -> int:
     if not alerter.slack.configured:
         log.warning("slack is not configured (ANOMSTREAM_SLACK_BOT_TOKEN or "
                     "ANOMSTREAM_SLACK_WEBHOOK_URL); alerts are only logged")
-    loop = StreamLoop(settings, alerter, settings.alerter_group, log)
-    use_static_membership(loop, settings, settings.alerter_group, "alerter")  # a restart resumes at once
+    loop = StreamLoop(settings, alerter, settings.alerter_group, log,
+                      instance_id=group_instance_id(settings, settings.alerter_group, "alerter"))
     loop.serve()
     return 0
 

@@ -26,7 +26,7 @@ from services.detector.kmeans import BrokerMetricsScoring
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
-from shared.kafka import FencedError, ensure_topics, use_static_membership
+from shared.kafka import FencedError, ensure_topics, group_instance_id
 from shared.records.metrics import decode_metrics, encode_score_records
 from shared.stream import Output, Processor, Result, StreamLoop
 
@@ -175,12 +175,10 @@ def worker_main(settings: Settings, worker_id: int) -> None:
     # full collection walks ~500k TensorFlow objects (about 30% of a worker's time).
     gc.collect()
     gc.freeze()
-    worker = StreamLoop(settings, DetectorProcessor(settings, scorers, cluster),
-                        settings.consumer_group, log)
     # A static member, "<group>-detector-<instance>-<worker>": the worker restarted in this slot takes
-    # the dead one's partitions back at once. Once StreamLoop takes an instance id, it goes there:
-    # StreamLoop(..., instance_id=group_instance_id(settings, settings.consumer_group, "detector", worker_id)).
-    use_static_membership(worker, settings, settings.consumer_group, "detector", worker_id)
+    # the dead one's partitions back at once.
+    worker = StreamLoop(settings, DetectorProcessor(settings, scorers, cluster), settings.consumer_group, log,
+                        instance_id=group_instance_id(settings, settings.consumer_group, "detector", worker_id))
     worker.stopping = stop["flag"]
     log.info("worker ready", topics=worker.processor.topics(), batch_size=settings.batch_size,
              group_instance_id=worker.consumer.instance_id)

@@ -24,7 +24,7 @@ from models.logs.scorer import LogFinding, LogLine, LogStreamScorer
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
-from shared.kafka import use_static_membership
+from shared.kafka import group_instance_id
 from shared.records.logs import LogSessionRecord, decode_log_line
 from shared.stream import Output, Processor, Result, StreamLoop
 
@@ -126,8 +126,8 @@ def command() -> int:
         return 2
     gc.collect()
     gc.freeze()  # the model's objects stay for good; keep them out of every full collection
-    loop = StreamLoop(settings, LogDetectorProcessor(settings, scorer, log), settings.logdetector_group, log)
-    use_static_membership(loop, settings, settings.logdetector_group, "logdetector")  # a restart resumes at once
+    loop = StreamLoop(settings, LogDetectorProcessor(settings, scorer, log), settings.logdetector_group, log,
+                      instance_id=group_instance_id(settings, settings.logdetector_group, "logdetector"))
     loop.serve(
         model=scorer.version, k=scorer.k, session_timeout_s=settings.log_session_timeout_s)
     return 0

@@ -37,7 +37,7 @@ from shared.cli import CONTEXT, PATH, run_command, verbatim
 from shared.config import Settings, load_settings
 from shared.kafka import (
     ensure_topics,
-    use_static_membership,
+    group_instance_id,
 )
 from shared.records.rules import RuleFiringRecord, decode_object
 from shared.stream import Output, Processor, Result, StreamLoop
@@ -199,8 +199,8 @@ def command(rules_dir: Path | None, environment: str | None) -> int:
     overrides = {k: v for k, v in {"rules_dir": rules_dir, "environment": environment}.items() if v}
     settings = load_settings(**overrides)
     log = setup_logging(settings, "rules")
-    loop = StreamLoop(settings, RulesProcessor(settings, log), settings.rules_group, log)
-    use_static_membership(loop, settings, settings.rules_group, "rules")  # a restart resumes at once
+    loop = StreamLoop(settings, RulesProcessor(settings, log), settings.rules_group, log,
+                      instance_id=group_instance_id(settings, settings.rules_group, "rules"))
     loop.serve(
         rules_dir=str(settings.rules_dir), environment=settings.environment,
         history=settings.rules_db_url.split("@")[-1])

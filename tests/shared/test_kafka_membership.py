@@ -13,7 +13,14 @@ from helpers import FakeMsg
 
 from shared.app_logging import setup_logging
 from shared.config import ConfigError, Settings, load_settings
-from shared.kafka import FencedError, ensure_topics, group_instance_id, make_admin, make_consumer, usable
+from shared.kafka import (
+    FencedError,
+    ensure_topics,
+    group_instance_id,
+    make_admin,
+    make_consumer,
+    usable,
+)
 
 
 def test_instance_id_defaults_to_the_host_name_and_is_checked():
