@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(5000, ge=1, le=100_000)
     poll_timeout_s: float = Field(0.1, gt=0, le=60)
     max_message_bytes: int = Field(64 * 1024, ge=64)
+    # A metric value v with |v| above this is refused (dead-lettered with the reason); the default is
+    # shared.records.metrics.DEFAULT_MAX_ABS_VALUE. The detectors stay finite beyond it too.
+    max_abs_value: float = Field(1e12, gt=0, allow_inf_nan=False)
     model_dir: Path | None = None  # default: <home>/models
     # Labelled reference data beside the repository (../shared/data when run from the repo root,
     # as `make` and the tests do), for training and replay.
