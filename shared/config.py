@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # topic's max.message.bytes when anomstream creates it). A message to dead-letter that is
     # larger goes there as a bounded summary (reason, origin, size, SHA-256, first bytes).
     max_produce_bytes: int = Field(1_000_000, ge=16 * 1024, le=100 * 1024 * 1024)
+    # A metric value v with |v| above this is refused (dead-lettered with the reason); the default is
+    # shared.records.metrics.DEFAULT_MAX_ABS_VALUE. The detectors stay finite beyond it too.
+    max_abs_value: float = Field(1e12, gt=0, allow_inf_nan=False)
     model_dir: Path | None = None  # default: <home>/models
     # Labelled reference data beside the repository (../shared/data when run from the repo root,
     # as `make` and the tests do), for training and replay.

@@ -101,7 +101,7 @@ class DetectorProcessor(Processor):
 
     def score_metrics(self, topic: str, msgs: list, result: Result) -> None:
         s, scorer = self.settings, self.scorers[topic]
-        decoded = decode_metrics([m.value() for m in msgs], s.max_message_bytes)
+        decoded = decode_metrics([m.value() for m in msgs], s.max_message_bytes, s.max_abs_value)
         result.dead_letters += [(msgs[i], reason) for i, reason in decoded.errors]
         if not decoded.index:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Literal
@@ -9,25 +11,175 @@ from typing import Annotated, Literal
 import numpy as np
 import orjson
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from shared.records.common import (
     Record,
     StrictFloat,
+    bounded,
     check_size,
     describe_errors,
     epoch_seconds,
     iso_utc,
+    printable,
 )
+
+DEFAULT_MAX_ABS_VALUE = 1e12  # setting max_abs_value (ANOMSTREAM_MAX_ABS_VALUE)
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2200, 1, 1, tzinfo=timezone.utc)
+
+# C0 and C1 controls (NUL, tab, newline, ESC, DEL, NEL, ...), the line and paragraph separators and
+# the bidirectional-text controls (embeddings, overrides, isolates, marks): a series name is a Kafka
+# key, a log field and a Slack line, where these break lines or reorder what a person reads.
+_FORBIDDEN = (r"\x{0}-\x{1F}\x{7F}-\x{9F}\x{61C}\x{200E}\x{200F}\x{2028}\x{2029}\x{202A}-\x{202E}"
+              r"\x{2066}-\x{2069}")
+# Checked by pydantic-core (Rust regex): no forbidden character, and one that is not white space.
+_SERIES_PATTERN = rf"^[^{_FORBIDDEN}]*[^{_FORBIDDEN}\s][^{_FORBIDDEN}]*$"
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_FORBIDDEN_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+SeriesName = Annotated[str, Strict(), Field(min_length=1, max_length=256, pattern=_SERIES_PATTERN)]
+# ISO 8601 or epoch seconds (naive = UTC), in [1970, 2200). A number is always read as seconds
+# (val_temporal_unit): pydantic's default would read one above 2e10 as milliseconds, so epoch
+# seconds of year 2773 became 1970-10-21; now they are year 2773, and refused.
+Timestamp = Annotated[datetime, Field(ge=EARLIEST, lt=LATEST)]
 
 
 class MetricRecord(Record):
-    """One point of a metric series: the payload of `input_data` and `transactions`."""
+    """One point of a metric series: the payload of `input_data` and `transactions`. A message must
+    also hold each key once and a value within the setting max_abs_value: see decode_metric."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, val_temporal_unit="seconds")
 
-    series: Annotated[str, Strict()] = Field(min_length=1, max_length=256)
-    timestamp: datetime  # ISO 8601 string or epoch seconds; naive means UTC
+    series: SeriesName
+    timestamp: Timestamp
     value: StrictFloat
+
+
+# The decoder validates into a plain dict (a model instance per message would cost more than the
+# validation): the same fields with the same rules, taken from MetricRecord itself.
+_MetricFields = TypedDict("_MetricFields", {  # type: ignore[misc]
+    name: Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+    for name, f in MetricRecord.model_fields.items()})
+_MetricFields.__pydantic_config__ = ConfigDict(**{k: v for k, v in MetricRecord.model_config.items() if k != "frozen"})
+_metric_fields = TypeAdapter(_MetricFields)
+
+
+def _series_problem(name: str) -> str:
+    if not name.strip():
+        return "the name is blank (white space only)"
+    bad = _FORBIDDEN_RE.search(name)
+    if bad is None:
+        return "the name is not allowed"
+    return (f"the name holds the control or bidirectional-text character U+{ord(bad.group()):04X} at position "
+            f"{bad.start()}; such characters are not allowed in a series name")
+
+
+def _timestamp_problem(given) -> str:
+    shown = printable(given if isinstance(given, str) else repr(given), 40)
+    return (f"{shown} is outside 1970-01-01..2200-01-01 (epoch seconds 0..{LATEST.timestamp():.0f}); a number is "
+            "read as epoch seconds, never as milliseconds: send seconds or an ISO 8601 string")
+
+
+def _explain(error: dict) -> str | None:
+    """Our own words for what pydantic says in its own: which character of a series name is wrong,
+    and why a timestamp is refused."""
+    loc, kind = error["loc"], error["type"]
+    if loc == ("series",) and kind == "string_pattern_mismatch":
+        return _series_problem(error["input"])
+    if loc == ("timestamp",):
+        if kind in ("less_than", "greater_than_equal"):
+            return _timestamp_problem(error["input"])
+        given = error["input"]  # a number too large for a datetime (e.g. milliseconds): say why
+        if isinstance(given, str) and _NUMBER.fullmatch(given):
+            given = float(given)
+        if isinstance(given, (int, float)) and not isinstance(given, bool) and not 0 <= given < LATEST.timestamp():
+            return _timestamp_problem(error["input"])
+    return None
+
+
+@dataclass
+class DecodedBatch:
+    """Good messages as columns (positions into the original batch in `index`), bad ones with reasons."""
+
+    index: list[int] = field(default_factory=list)
+    series: list[str] = field(default_factory=list)
+    timestamps: np.ndarray = field(default_factory=lambda: np.empty(0))  # epoch seconds, UTC
+    values: np.ndarray = field(default_factory=lambda: np.empty(0))
+    errors: list[tuple[int, str]] = field(default_factory=list)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+def _duplicate_key(payload: bytes) -> str | None:
+    """The first key an object of `payload` holds twice (JSON parsers keep the last silently)."""
+    if payload.count(b",") <= 2:
+        # An object of n members has n - 1 commas between them (a comma inside a string only adds
+        # to the count), so it holds at most 3 members: with "series", "timestamp" and "value" all
+        # required, an object that passes validation then holds each exactly once.
+        return None
+    try:
+        json.loads(payload, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as dup:
+        return dup.args[0]
+    except (ValueError, RecursionError):  # not JSON: the validation names what is wrong
+        pass
+    return None
+
+
+def _decode(payload: bytes | None, max_bytes: int, max_abs_value: float) -> dict:
+    """One message, validated alone; raises ValueError with the reason."""
+    check_size(payload, max_bytes)
+    key = _duplicate_key(payload)
+    if key is not None:
+        raise ValueError(f"{printable(key)}: duplicate key (the key appears more than once; a JSON parser "
+                         "would keep only the last)")
+    try:
+        fields = _metric_fields.validate_json(payload)
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc, _explain)) from None
+    value = fields["value"]
+    if not -max_abs_value <= value <= max_abs_value:
+        raise ValueError(bounded(f"value: {value:.6g} is outside the accepted range "
+                                 f"[-{max_abs_value:g}, {max_abs_value:g}] (setting ANOMSTREAM_MAX_ABS_VALUE)"))
+    return fields
+
+
+def decode_metric(payload: bytes | None, max_bytes: int, max_abs_value: float = DEFAULT_MAX_ABS_VALUE) -> MetricRecord:
+    """Validate one message; raises ValueError with a reason a person can act on (`field: what is
+    wrong`, bounded in size)."""
+    return MetricRecord.model_construct(**_decode(payload, max_bytes, max_abs_value))
+
+
+def decode_metrics(payloads: list[bytes | None], max_bytes: int,
+                   max_abs_value: float = DEFAULT_MAX_ABS_VALUE) -> DecodedBatch:
+    """Decode a batch, each message validated on its own (exactly as decode_metric): no message can
+    run on into its neighbour or carry two records, whatever bytes it holds."""
+    out = DecodedBatch()
+    records = []
+    for i, payload in enumerate(payloads):
+        try:
+            records.append(_decode(payload, max_bytes, max_abs_value))
+        except ValueError as exc:
+            out.errors.append((i, str(exc)))
+        else:
+            out.index.append(i)
+    out.series = [r["series"] for r in records]
+    out.timestamps = np.fromiter((epoch_seconds(r["timestamp"]) for r in records), np.float64, len(records))
+    out.values = np.fromiter((r["value"] for r in records), np.float64, len(records))
+    return out
 
 
 class ScoreRecord(Record):
@@ -53,59 +205,6 @@ class ScoreRecord(Record):
     flags: dict[str, bool] = {}
     decision: list[str] = []  # the outputs whose flags made is_anomaly
     kind: Literal["score"] = "score"
-
-
-# Each message is wrapped as a one-element array and the arrays are joined with a newline: a raw
-# newline cannot sit inside a JSON string and a record holds no nested arrays, so a message cannot
-# run on into the next one; with exactly one record per wrapper, record i is message i.
-_metric_list = TypeAdapter(list[tuple[MetricRecord]])
-
-
-@dataclass
-class DecodedBatch:
-    """Good messages as columns (positions into the original batch in `index`), bad ones with reasons."""
-
-    index: list[int] = field(default_factory=list)
-    series: list[str] = field(default_factory=list)
-    timestamps: np.ndarray = field(default_factory=lambda: np.empty(0))  # epoch seconds, UTC
-    values: np.ndarray = field(default_factory=lambda: np.empty(0))
-    errors: list[tuple[int, str]] = field(default_factory=list)
-
-def decode_metric(payload: bytes | None, max_bytes: int) -> MetricRecord:
-    """Validate one message; raises ValueError with a reason a person can act on."""
-    check_size(payload, max_bytes)
-    try:
-        return MetricRecord.model_validate_json(payload)
-    except ValidationError as exc:
-        raise ValueError(describe_errors(exc)) from None
-
-
-def decode_metrics(payloads: list[bytes | None], max_bytes: int) -> DecodedBatch:
-    """Decode a batch. The common all-good case is one pydantic-core call for the whole batch;
-    only a batch that holds a bad message is decoded message by message to find which."""
-    records: list[MetricRecord] | None = None
-    if all(p is not None and 0 < len(p) <= max_bytes for p in payloads):
-        try:
-            wrapped = _metric_list.validate_json(b"[[" + b"]\n,[".join(payloads) + b"]]")
-            # A payload such as `{..}],[{..}` would smuggle two records into the joined array.
-            records = [t[0] for t in wrapped] if len(wrapped) == len(payloads) else None
-        except ValidationError:
-            records = None
-    out = DecodedBatch()
-    if records is not None:
-        out.index = list(range(len(payloads)))
-    else:
-        records = []
-        for i, payload in enumerate(payloads):
-            try:
-                records.append(decode_metric(payload, max_bytes))
-                out.index.append(i)
-            except ValueError as exc:
-                out.errors.append((i, str(exc)))
-    out.series = [r.series for r in records]
-    out.timestamps = np.fromiter((epoch_seconds(r.timestamp) for r in records), np.float64, len(records))
-    out.values = np.fromiter((r.value for r in records), np.float64, len(records))
-    return out
 
 
 def encode_metric_frame(frame) -> tuple[list[bytes], list[bytes]]:

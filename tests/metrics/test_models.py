@@ -332,3 +332,22 @@ def test_score_records_validate_as_score_records(trained):
         assert rec.if_score == pytest.approx(float(result.scores["isolation_forest"][j]))
         assert rec.reconstruction_error == pytest.approx(float(result.scores["lstm_autoencoder"][j]))
         assert rec.detected_at.tzinfo is not None and rec.kind == "score"
+
+
+def test_detector_service_refuses_values_beyond_the_setting_max_abs_value(trained, tmp_path, monkeypatch):
+    from services.detector.service import DetectorProcessor
+    from shared.config import load_settings
+
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    _, model_set = trained
+    settings = load_settings(max_abs_value=1000.0, topic_transactions="transactions", home=str(tmp_path))
+    processor = DetectorProcessor(settings, {"transactions": Scorer(model_set)})
+    base = 1_700_000_000
+    values = [10.0, 1000.0, -1000.5, 1e12, 20.0]
+    msgs = [FakeMsg(json.dumps({"series": "acct-1", "timestamp": base + 60 * i, "value": v}).encode(),
+                    topic="transactions", offset=i) for i, v in enumerate(values)]
+    result = processor.process(msgs, 0.0)
+    assert [m.offset() for m, _ in result.dead_letters] == [2, 3]
+    assert all(reason.startswith("value:") and "ANOMSTREAM_MAX_ABS_VALUE" in reason for _, reason in result.dead_letters)
+    scored = [orjson.loads(o.value) for o in result.outputs if o.topic == settings.topic_scores]
+    assert [r["source_offset"] for r in scored] == [0, 1, 4]

@@ -91,6 +91,10 @@ MALFORMED = [
     (b'{"series": "s", "timestamp": 1, "value": 1}, {"series": "s", "timestamp": 2, "value": 2}', "Invalid JSON"),
     (b"", "Invalid JSON"),
     (None, "empty message"),
+    (b'{"series": "s", "timestamp": 1392388200, "value": "x", "value": 1.0}', "value: duplicate key"),
+    (b'{"series": "s", "timestamp": 25340256000, "value": 1.0}', "never as milliseconds"),
+    (b'{"series": "s", "timestamp": 1392388200, "value": 1e13}', "ANOMSTREAM_MAX_ABS_VALUE"),
+    (b'{"series": "s\\nFAKE", "timestamp": 1392388200, "value": 1.0}', "U+000A"),
     (b'{"series": "s", "timestamp": "2014-02-14T14:30:00Z", "value": 1.0, "pad": "' + b"x" * 70_000 + b'"}',
      "exceeds"),
 ]

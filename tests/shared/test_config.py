@@ -8,6 +8,7 @@ import pytest
 
 from shared.config import ConfigError, Settings, anomstream_home, load_settings
 from shared.kafka import client_config
+from shared.records.metrics import DEFAULT_MAX_ABS_VALUE
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +32,7 @@ def test_defaults():
     assert s.workers == 3
     assert s.batch_size == 5000
     assert s.max_message_bytes == 64 * 1024
+    assert s.max_abs_value == DEFAULT_MAX_ABS_VALUE == 1e12
     assert s.combine == "or"
     assert s.slack_bot_token is None and s.slack_webhook_url is None
     assert s.slack_channel == "#alerts"
@@ -59,6 +61,7 @@ def test_env_overrides(monkeypatch):
     monkeypatch.setenv("ANOMSTREAM_MODEL_DIR", "/tmp/somewhere")
     monkeypatch.setenv("ANOMSTREAM_KAFKA_EXTRA", '{"client.rack": "a", "socket.timeout.ms": 1000}')
     monkeypatch.setenv("ANOMSTREAM_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("ANOMSTREAM_MAX_ABS_VALUE", "1e6")
     s = load_settings()
     assert s.workers == 7 and isinstance(s.workers, int)
     assert s.batch_size == 250
@@ -69,6 +72,7 @@ def test_env_overrides(monkeypatch):
     assert str(s.model_dir) == "/tmp/somewhere"
     assert s.kafka_extra == {"client.rack": "a", "socket.timeout.ms": 1000}
     assert s.log_level == "DEBUG"
+    assert s.max_abs_value == 1e6
 
 
 def test_keyword_overrides_beat_environment(monkeypatch):
@@ -114,6 +118,9 @@ def test_operator_variable_wins_over_prefixed_one(monkeypatch):
     ("ANOMSTREAM_SASL_MECHANISM", "GSSAPI2"),
     ("ANOMSTREAM_ALERT_COOLDOWN_S", "-1"),
     ("ANOMSTREAM_MAX_MESSAGE_BYTES", "10"),
+    ("ANOMSTREAM_MAX_ABS_VALUE", "0"),
+    ("ANOMSTREAM_MAX_ABS_VALUE", "inf"),
+    ("ANOMSTREAM_MAX_ABS_VALUE", "nan"),
     ("ANOMSTREAM_KAFKA_EXTRA", '{"a": [1, 2]}'),
     ("ANOMSTREAM_KAFKA_EXTRA", "not json"),
     ("KAFKA_BOOTSTRAP_SERVERS", ""),
