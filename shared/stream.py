@@ -28,10 +28,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from shared.config import Settings
 from shared.kafka import (
+    COORDINATOR_ERRORS,
     REBALANCE_COMMIT_ERRORS,
     DeliveryTracker,
     ensure_topics,
@@ -49,6 +50,9 @@ from shared.records.dead_letter import (
 from shared.signals import stop_on_signals
 
 PROGRESS_EVERY_S = 10.0
+# The broker or the group coordinator away for a while (an outage, a coordinator move).
+TRANSIENT_COMMIT_ERRORS = COORDINATOR_ERRORS | {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._WAIT_COORD,
+                                                KafkaError._ALL_BROKERS_DOWN, KafkaError.REQUEST_TIMED_OUT}
 DEAD_LETTER_OVERHEAD = 4096  # headers and record framing beside a dead letter's key and value
 
 
@@ -258,13 +262,19 @@ class StreamLoop:
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
-            if exc.args[0].code() not in REBALANCE_COMMIT_ERRORS:
-                raise
-            # The outputs are durable already; the partition's new owner re-reads from the last commit.
-            self.log.warning("commit refused by a rebalance; the new owner re-reads the batch",
-                             error=str(exc.args[0]))
-            self.stats["commits_lost_to_rebalance"] += 1
-            return
+            error = exc.args[0]
+            if error.code() in REBALANCE_COMMIT_ERRORS:
+                # The outputs are durable already; the partition's new owner re-reads from the last commit.
+                self.log.warning("commit refused by a rebalance; the new owner re-reads the batch", error=str(error))
+                self.stats["commits_lost_to_rebalance"] += 1
+                return
+            if error.retriable() or error.code() in TRANSIENT_COMMIT_ERRORS:
+                # The broker or the group coordinator is away: the next commit (cumulative) or the
+                # one at revoke/stop carries these offsets; a crash meanwhile only re-reads.
+                self.log.warning("commit failed for now; the next one carries it", error=str(error))
+                self.stats["commits_deferred"] += 1
+                return
+            raise
         for tp in offsets:
             self.committed[(tp.topic, tp.partition)] = tp.offset
         self.guard.committed({(tp.topic, tp.partition): tp.offset for tp in offsets})

@@ -152,9 +152,19 @@ def test_a_commit_refused_by_a_rebalance_is_survived():
     assert loop.stats["commits_lost_to_rebalance"] == 1 and ("checkpoint",) in journal
 
 
-def test_other_commit_errors_are_raised():
+def test_a_commit_that_fails_while_the_broker_is_away_is_carried_by_the_next_one():
     journal = Journal()
     loop = make_loop(Doubler(journal), journal, refuse=KafkaError._TRANSPORT)
+    loop.handle(msgs(b"1"), 0.0)
+    assert loop.stats["commits_deferred"] == 1
+    loop.consumer.refuse = None
+    loop.handle(msgs(b"2", start=11), 0.0)
+    assert journal[-1] == ("commit", [("in", 0, 12)])
+
+
+def test_other_commit_errors_are_raised():
+    journal = Journal()
+    loop = make_loop(Doubler(journal), journal, refuse=KafkaError.GROUP_AUTHORIZATION_FAILED)
     with pytest.raises(KafkaException):
         loop.handle(msgs(b"1"), 0.0)
 

@@ -1,5 +1,6 @@
 """The stream core's failure paths on the real broker, through real services: a message too large
-to dead-letter as it is, and a Slack outage longer than max.poll.interval.ms."""
+to dead-letter as it is, a Slack outage longer than max.poll.interval.ms, a broker outage longer
+than librdkafka's delivery timeout."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from shared.kafka import (
     make_producer,
     read_topic,
 )
+from shared.local_broker import LocalBroker, free_port
 from shared.records.metrics import ScoreRecord
 
 pytestmark = pytest.mark.kafka
@@ -85,3 +87,43 @@ def test_the_alerter_rides_out_a_slack_outage_longer_than_max_poll_interval(pipe
         assert slack.requests[-1]["time"] - slack.requests[0]["time"] > 10  # the outage outlasted the interval
         assert "commit refused by a rebalance" not in alerter.log
         assert alerter.stop() == 0
+
+
+def test_a_broker_outage_longer_than_the_delivery_timeout_delays_scoring_and_crashes_nothing(
+        model_dir, tmp_path, services):
+    """A broker of this test alone, stopped for 20 s while the detector scores a backlog, with
+    librdkafka giving up on a record after 5 s: the records it gave up on are sent again once the
+    broker is back, every input is scored (at-least-once), and no worker dies."""
+    broker = LocalBroker(tmp_path / "broker", port=free_port(), controller_port=free_port())
+    broker.start()
+    try:
+        overrides = {
+            "bootstrap_servers": broker.bootstrap, "model_dir": str(model_dir), "workers": 1,
+            "partitions_input": 1, "poll_timeout_s": "0.1", "batch_size": 500,
+            "kafka_extra": {"message.timeout.ms": 5000},
+        }
+        settings = as_settings(overrides)
+        ensure_topics(settings)
+        n = 30_000
+        producer = make_producer(settings)
+        for i in range(n):
+            producer.produce(settings.topic_input, point(i), b"big-test")
+            if i % 5000 == 0:
+                producer.poll(0)
+        assert producer.flush(30) == 0
+        detector = services("detector", overrides)
+        scored = lambda: sum(end_offsets(settings, settings.topic_scores, timeout=5).values())  # noqa: E731
+        wait_until(lambda: scored() > 0, 180, "the first scores", [detector])
+        broker.stop()
+        time.sleep(20)
+        assert detector.alive()
+        broker.start()
+        wait_until(lambda: scored() >= n, 300, "every input scored after the outage", [detector])
+        offsets = {m.value() for m in read_topic(settings, settings.topic_scores, idle=3, timeout=120)}
+        assert len(offsets) >= n
+        scores = {ScoreRecord.model_validate_json(v).source_offset for v in offsets}
+        assert scores == set(range(n))  # no gap (a record sent again may repeat: at-least-once)
+        assert "worker died" not in detector.log
+        assert detector.stop() == 0
+    finally:
+        broker.stop()
