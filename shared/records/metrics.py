@@ -218,13 +218,25 @@ def encode_metric_frame(frame) -> tuple[list[bytes], list[bytes]]:
     return keys, values
 
 
+def _finite(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x if np.isfinite(x).all() else np.nan_to_num(x)
+
+
 def encode_score_records(series: list[str], epoch_s: np.ndarray, values: np.ndarray, is_anomaly: np.ndarray,
                          scores: dict[str, np.ndarray], flags: dict[str, np.ndarray], decision: list[str],
                          model_version: str, source_topic: str,
                          sources: list[tuple[int, int, int]]) -> list[bytes]:
     """One ScoreRecord JSON per scored point, built column-wise (pydantic per record would cost
     more than the scoring). `sources` is (partition, offset, timestamp ms) of each input message.
-    The isolation_forest / lstm_autoencoder fields are the design card's named outputs."""
+    The isolation_forest / lstm_autoencoder fields are the design card's named outputs.
+
+    A ScoreRecord holds finite numbers only (JSON has no NaN): should a detector ever return a
+    non-finite score, it is written as numpy.nan_to_num writes it (NaN as 0.0, +-inf as the
+    largest finite float, +-1.7976931348623157e308). The detectors keep their scores finite
+    whatever the input; this is the last guard, not the fix."""
+    scores = {n: _finite(s) for n, s in scores.items()}
+    values = _finite(values)
     stamps = iso_utc(epoch_s)
     detected_at = datetime.now(timezone.utc).isoformat()
     anomalous = is_anomaly.tolist()
