@@ -17,6 +17,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 FEATURES = ("value", "hour", "day_of_week")
 SEQ_LEN = 10
+# Scaled features are clipped to +-this (standard deviations of the training data) before they
+# become float32 for IsolationForest and the LSTM: an input of 1e308 would overflow float32 to inf
+# (NaN in the network). Far beyond any real point (IsolationForest sees no difference past its
+# training range), and small enough that the network's activations stay finite.
+FEATURE_LIMIT = 1e3
 
 
 def time_features(epoch_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +50,11 @@ class Scaler:
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        return ((X - self.mean) / self.scale).astype(np.float32)
+        """Scaled rows as float32, each feature clipped to +-FEATURE_LIMIT (finite for any finite X)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = (X - self.mean) / self.scale
+        scaled = np.nan_to_num(scaled, nan=0.0, posinf=FEATURE_LIMIT, neginf=-FEATURE_LIMIT)
+        return np.clip(scaled, -FEATURE_LIMIT, FEATURE_LIMIT).astype(np.float32)
 
     def to_dict(self) -> dict:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}

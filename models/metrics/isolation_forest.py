@@ -27,6 +27,8 @@ class IsolationForestDetector(Detector):
         return self
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
+        # batch.X is finite and bounded (features.FEATURE_LIMIT): sklearn refuses inf, it would
+        # stop the whole batch.
         return -self.model.score_samples(batch.X)
 
     def save(self, folder: Path) -> None:

@@ -16,6 +16,7 @@ from models.base import ArtifactError, Detector, read_json, write_json
 from models.metrics.features import FeatureBatch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner out of our logs
+MAX_ERROR = 1e12  # a reconstruction error is reported as at most this (a non-finite one as this)
 
 
 def configure_tensorflow(threads: int | None) -> None:
@@ -87,8 +88,12 @@ class LSTMAutoencoderDetector(Detector):
                 input_signature=[tf.TensorSpec([None, *self.model.input_shape[1:]], tf.float32)],
             )
         windows = np.ascontiguousarray(batch.windows, dtype=np.float32)
-        recon = self._infer(windows).numpy()
-        return np.mean((recon - windows[:, -1, :]) ** 2, axis=1).astype(np.float64)
+        recon = self._infer(windows).numpy().astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            errors = np.mean((recon - windows[:, -1, :]) ** 2, axis=1)
+        # The scaled inputs are bounded (features.FEATURE_LIMIT), so the network's output is finite
+        # in practice; should it overflow all the same, the error is the largest one reported.
+        return np.minimum(np.nan_to_num(errors, nan=MAX_ERROR, posinf=MAX_ERROR), MAX_ERROR)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

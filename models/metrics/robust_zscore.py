@@ -43,10 +43,13 @@ class RobustZScoreDetector(Detector):
             new = batch.values[idx]
             values = np.concatenate([past_values, new])
             median = self._median_before(values, len(past_values))
-            devs = np.concatenate([past_devs, np.abs(new - median)])
-            mad = self._median_before(devs, len(past_devs))
-            z = np.abs(new - median) / (1.4826 * mad + 1e-9)
-            out[idx] = np.minimum(np.nan_to_num(z, nan=0.0), cap)
+            with np.errstate(over="ignore", invalid="ignore"):  # |1e308 - -1e308| is inf: z = cap
+                deviation = np.abs(new - median)
+                devs = np.concatenate([past_devs, deviation])
+                mad = self._median_before(devs, len(past_devs))
+                z = deviation / (1.4826 * mad + 1e-9)
+            # One extreme point is one of `window` values and deviations: the medians do not move.
+            out[idx] = np.minimum(np.nan_to_num(z, nan=0.0, posinf=cap), cap)
             self.past[name] = (values[max(0, len(values) - window):], devs[max(0, len(devs) - window):])
         while len(self.past) > self.max_series:
             del self.past[next(iter(self.past))]

@@ -62,6 +62,7 @@ _MetricFields = TypedDict("_MetricFields", {  # type: ignore[misc]
     for name, f in MetricRecord.model_fields.items()})
 _MetricFields.__pydantic_config__ = ConfigDict(**{k: v for k, v in MetricRecord.model_config.items() if k != "frozen"})
 _metric_fields = TypeAdapter(_MetricFields)
+_KEYS = tuple(f'"{name}"'.encode() for name in MetricRecord.model_fields)
 
 
 def _series_problem(name: str) -> str:
@@ -125,10 +126,12 @@ def _refuse_duplicates(pairs: list) -> dict:
 
 def _duplicate_key(payload: bytes) -> str | None:
     """The first key an object of `payload` holds twice (JSON parsers keep the last silently)."""
-    if payload.count(b",") <= 2:
-        # An object of n members has n - 1 commas between them (a comma inside a string only adds
-        # to the count), so it holds at most 3 members: with "series", "timestamp" and "value" all
-        # required, an object that passes validation then holds each exactly once.
+    # Two cheap proofs that an object which passes validation (so has "series", "timestamp" and
+    # "value", and no other key) holds no key twice. An object of n members has n - 1 commas between
+    # them (a comma inside a string only adds to the count): at most 2 commas, at most 3 members.
+    # Or, without a backslash no key is escaped, so each member's key appears verbatim: each of the
+    # three once, each member once.
+    if payload.count(b",") <= 2 or (b"\\" not in payload and all(payload.count(key) == 1 for key in _KEYS)):
         return None
     try:
         json.loads(payload, object_pairs_hook=_refuse_duplicates)
@@ -218,13 +221,25 @@ def encode_metric_frame(frame) -> tuple[list[bytes], list[bytes]]:
     return keys, values
 
 
+def _finite(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x if np.isfinite(x).all() else np.nan_to_num(x)
+
+
 def encode_score_records(series: list[str], epoch_s: np.ndarray, values: np.ndarray, is_anomaly: np.ndarray,
                          scores: dict[str, np.ndarray], flags: dict[str, np.ndarray], decision: list[str],
                          model_version: str, source_topic: str,
                          sources: list[tuple[int, int, int]]) -> list[bytes]:
     """One ScoreRecord JSON per scored point, built column-wise (pydantic per record would cost
     more than the scoring). `sources` is (partition, offset, timestamp ms) of each input message.
-    The isolation_forest / lstm_autoencoder fields are the design card's named outputs."""
+    The isolation_forest / lstm_autoencoder fields are the design card's named outputs.
+
+    A ScoreRecord holds finite numbers only (JSON has no NaN): should a detector ever return a
+    non-finite score, it is written as numpy.nan_to_num writes it (NaN as 0.0, +-inf as the
+    largest finite float, +-1.7976931348623157e308). The detectors keep their scores finite
+    whatever the input; this is the last guard, not the fix."""
+    scores = {n: _finite(s) for n, s in scores.items()}
+    values = _finite(values)
     stamps = iso_utc(epoch_s)
     detected_at = datetime.now(timezone.utc).isoformat()
     anomalous = is_anomaly.tolist()

@@ -245,6 +245,8 @@ DUPLICATES = {  # case -> (payload, the key named in the reason)
                         "timestamp"),
     "escaped_key": (b'{"series": "a", "timestamp": 1709294400, "value": 1.0, "v\\u0061lue": 2.0}', "value"),
     "nested_value_first": (b'{"series": "a", "timestamp": 1709294400, "value": [1, 2], "value": 3}', "value"),
+    "commas_in_series": (b'{"series": "a,b,c", "timestamp": 1709294400, "value": 1.0, "value": 2.0}', "value"),
+    "escaped_and_commas": (b'{"series": "a,b", "timestamp": 1709294400, "value": 1.0, "\\u0076alue": 2.0}', "value"),
 }
 
 
@@ -260,9 +262,9 @@ def test_duplicate_keys_are_refused(case):
 
 
 def test_a_series_value_equal_to_a_key_name_is_not_a_duplicate():
-    out = decode_metrics([msg(series="value"), msg(series="series"), msg(series="timestamp", timestamp="2024-03-01")],
-                         MAX)
-    assert out.errors == [] and out.series == ["value", "series", "timestamp"]
+    names = ["value", "series", "timestamp", "a,b,c", "value,", '"value"', "a\\b, c"]
+    out = decode_metrics([msg(series=n) for n in names], MAX)
+    assert out.errors == [] and out.series == names
 
 
 BAD_SERIES = {
