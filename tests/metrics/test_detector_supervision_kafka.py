@@ -11,16 +11,31 @@ import time
 from datetime import datetime
 
 import pytest
+from confluent_kafka import KafkaException
 from helpers import as_settings, running, series_frame, wait_until, worker_pids
 
 from services.detector.service import RestartBackoff
-from shared.kafka import committed_offsets, end_offsets, ensure_topics, make_admin, send
+from shared.kafka import (
+    COORDINATOR_ERRORS,
+    committed_offsets,
+    end_offsets,
+    ensure_topics,
+    make_admin,
+    send,
+)
 from shared.records.metrics import encode_metric_frame
 
 
 def group_members(settings, group: str) -> list:
     admin = make_admin(settings)
-    return admin.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15).members
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return admin.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15).members
+        except KafkaException as exc:  # a new group's coordinator still loading, or moving
+            if exc.args[0].code() not in COORDINATOR_ERRORS or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def log_lines(log: str, event: str) -> list[dict]:
@@ -52,10 +67,12 @@ def test_workers_stop_commit_and_leave_the_group_when_the_supervisor_is_killed(p
         killed = time.monotonic()
         wait_until(lambda: not any(running(pid) for pid in workers), 20, "the orphaned workers to exit")
         exited = time.monotonic() - killed
-        wait_until(lambda: not group_members(settings, settings.consumer_group), 15, "the group to be empty")
+        # Three members leaving at once rebalance each other: on a loaded machine that can take a
+        # while, but an orphan would stay for good (and one that failed to leave, 45 s).
+        wait_until(lambda: not group_members(settings, settings.consumer_group), 40, "the group to be empty")
         emptied = time.monotonic() - killed
         print(f"workers exited {exited:.1f}s and the group was empty {emptied:.1f}s after the supervisor's SIGKILL")
-        assert exited < 10 and emptied < 15
+        assert exited < 10 and emptied < 40
     finally:
         for pid in workers:  # never leave orphans consuming behind the test, whatever happened
             if running(pid):

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from helpers import FakeMsg
 
-from models.metrics.features import FEATURE_LIMIT, FeatureBatch, SeriesWindows, build_batch
+from models.metrics.features import (
+    FEATURE_LIMIT,
+    FeatureBatch,
+    SeriesWindows,
+    build_batch,
+)
 from models.metrics.likelihood import AnomalyLikelihood
 from models.metrics.model_set import ModelSet
 from models.metrics.robust_zscore import RobustZScoreDetector
