@@ -67,12 +67,17 @@ def test_workers_stop_commit_and_leave_the_group_when_the_supervisor_is_killed(p
         killed = time.monotonic()
         wait_until(lambda: not any(running(pid) for pid in workers), 20, "the orphaned workers to exit")
         exited = time.monotonic() - killed
-        # Three members leaving at once rebalance each other: on a loaded machine that can take a
-        # while, but an orphan would stay for good (and one that failed to leave, 45 s).
-        wait_until(lambda: not group_members(settings, settings.consumer_group), 40, "the group to be empty")
+        # Each worker leaves as it closes (0.5 s here when run alone), but three members leaving at
+        # once rebalance each other, and late in the whole suite a leave has been seen to time out,
+        # leaving a static member until its 45 s session expires. An orphan, alive, would stay for good.
+        try:
+            wait_until(lambda: not group_members(settings, settings.consumer_group), 60, "the group to be empty")
+        except AssertionError:
+            raise AssertionError(f"members left: {group_members(settings, settings.consumer_group)}\n"
+                                 f"{detector.log[-4000:]}") from None
         emptied = time.monotonic() - killed
         print(f"workers exited {exited:.1f}s and the group was empty {emptied:.1f}s after the supervisor's SIGKILL")
-        assert exited < 10 and emptied < 40
+        assert exited < 10 and emptied < 60
     finally:
         for pid in workers:  # never leave orphans consuming behind the test, whatever happened
             if running(pid):
