@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from numpy.lib.stride_tricks import sliding_window_view
+from numba import njit
+
+from models.state import SeriesState, private_slots
 
 FEATURES = ("value", "hour", "day_of_week")
 SEQ_LEN = 10
@@ -66,51 +68,87 @@ class Scaler:
 
 @dataclass
 class FeatureBatch:
-    """What every detector sees: raw columns plus the scaled rows and their windows."""
+    """What every detector sees: raw columns plus the scaled rows and their windows, and where the
+    rows' series keep their streaming state (a streaming detector updates its fields there)."""
 
     series: np.ndarray  # per-row series id (object array of str)
     timestamps: np.ndarray  # epoch seconds
     values: np.ndarray
     X: np.ndarray  # (n, len(FEATURES)) scaled
     windows: np.ndarray  # (n, SEQ_LEN, len(FEATURES)) scaled; row i's window ends at row i
+    store: SeriesState | None = None  # the per-series state store ...
+    slots: np.ndarray | None = None  # ... and each row's slot in it
 
     def __len__(self) -> int:
         return len(self.values)
 
 
 class SeriesWindows:
-    """Last SEQ_LEN-1 scaled rows of each series. A series' first window is padded with its first
-    row repeated, so every point is scored, in training and in the stream alike."""
+    """The per-series window component: the last seq_len-1 points (raw value and time) of each
+    series, in the state store. A series' first window is padded with its first point repeated, so
+    every point is scored, in training and in the stream alike. Raw points, not scaled rows: the
+    state stays valid when the model set (its scaler) is retrained."""
 
-    def __init__(self, seq_len: int = SEQ_LEN, max_series: int = 100_000):
+    prefix = "window"
+
+    def __init__(self, seq_len: int = SEQ_LEN):
         self.seq_len = seq_len
-        self.max_series = max_series
-        self.history: dict[str, np.ndarray] = {}
 
-    def windows(self, series: np.ndarray, X: np.ndarray) -> np.ndarray:
-        n, f = X.shape
-        out = np.empty((n, self.seq_len, f), dtype=np.float32)
-        codes, names = pd.factorize(series)
-        for code, name in enumerate(names):
-            idx = np.flatnonzero(codes == code)
-            past = self.history.get(name)
-            if past is None:
-                past = np.repeat(X[idx[:1]], self.seq_len - 1, axis=0)
-            seq = np.concatenate([past, X[idx]])
-            out[idx] = sliding_window_view(seq, self.seq_len, axis=0).transpose(0, 2, 1)
-            self.history.pop(name, None)  # re-insert: dict order is then least recently seen first
-            self.history[name] = seq[len(seq) - (self.seq_len - 1):]
-        if len(self.history) > self.max_series:  # bounded memory: forget the oldest series
-            for name in list(self.history)[: len(self.history) - self.max_series]:
-                del self.history[name]
-        return out
+    def state_fields(self) -> dict:
+        past = (self.seq_len - 1,)
+        return {"window.values": (np.float64, past), "window.times": (np.float64, past),
+                "window.n": (np.int64, ())}
+
+    def schema(self) -> str:
+        return f"seq_len={self.seq_len}"
+
+    def raw(self, store: SeriesState, slots: np.ndarray, epoch_s, values) -> tuple[np.ndarray, np.ndarray]:
+        """(values, times) of each row's window, (n, seq_len) each, oldest first; updates the state."""
+        n = len(slots)
+        out_v, out_t = np.empty((n, self.seq_len)), np.empty((n, self.seq_len))
+        a = store.arrays
+        _window_rows(np.asarray(slots, np.int64), np.asarray(values, np.float64),
+                     np.asarray(epoch_s, np.float64), out_v, out_t,
+                     a["window.values"], a["window.times"], a["window.n"])
+        return out_v, out_t
+
+    def scaled(self, scaler: Scaler, store: SeriesState, slots, epoch_s, values) -> np.ndarray:
+        win_v, win_t = self.raw(store, slots, epoch_s, values)
+        rows = scaler.transform(raw_features(win_t.ravel(), win_v.ravel()))
+        return rows.reshape(len(win_v), self.seq_len, len(FEATURES))
 
 
-def build_batch(scaler: Scaler, windows: SeriesWindows, series, epoch_s, values) -> FeatureBatch:
+@njit(cache=True, nogil=True)
+def _window_rows(slots, values, times, out_v, out_t, past_v, past_t, seen):
+    m = past_v.shape[1]
+    for i in range(len(slots)):
+        s = slots[i]
+        if seen[s] == 0:  # pad with the first point
+            past_v[s, :] = values[i]
+            past_t[s, :] = times[i]
+        out_v[i, :m] = past_v[s]
+        out_t[i, :m] = past_t[s]
+        out_v[i, m] = values[i]
+        out_t[i, m] = times[i]
+        if m:
+            past_v[s, :m - 1] = past_v[s, 1:].copy()
+            past_t[s, :m - 1] = past_t[s, 1:].copy()
+            past_v[s, m - 1] = values[i]
+            past_t[s, m - 1] = times[i]
+        seen[s] += 1
+
+
+def build_batch(scaler: Scaler, windows: SeriesWindows, series, epoch_s, values,
+                store: SeriesState | None = None, slots: np.ndarray | None = None) -> FeatureBatch:
+    """Scaled rows and windows of a batch. `store`/`slots`: the per-series state store and each
+    row's slot (the Scorer's); without them the windows keep a store of their own."""
     series = np.asarray(series, dtype=object)
-    X = scaler.transform(raw_features(epoch_s, values))
-    return FeatureBatch(series, np.asarray(epoch_s), np.asarray(values, dtype=np.float64), X,
-                        windows.windows(series, X))
+    epoch_s = np.asarray(epoch_s, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    if store is None:
+        store, slots = private_slots(windows, windows.state_fields(), windows.schema(), series)
+    win = windows.scaled(scaler, store, slots, epoch_s, values)
+    return FeatureBatch(series, epoch_s, values, np.ascontiguousarray(win[:, -1, :]), win, store, slots)
 
 
 def read_series_csv(path) -> pd.DataFrame:

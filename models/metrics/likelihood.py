@@ -9,10 +9,17 @@ of 'red' tails (<= 1e-5) keeps its value; the rest of the run is lowered to 'yel
 change raises one alarm. The output is Numenta's log scale in [0, 1], where 0.5 means a tail
 probability of 1e-5 -- the published alarm threshold, used here as is.
 
+Bounded state (issue 14): the history of averages is kept as sufficient statistics, the sums of
+(average - ref) and of its square in `blocks` blocks of history/blocks averages each, not as the
+averages themselves. Up to `history` points this is exactly Numenta's window; past it, the oldest
+block leaves whole, so the window holds between history - history/blocks and history averages.
+About 420 bytes per series instead of up to 70 KB.
+
 One addition to Numenta's stage: an alarm that recurs at the same time of day as a (raw) alarm
 one `recurrence_period_s` earlier (+- `recurrence_tolerance_s`) is a daily pattern, not an
 incident -- a nightly batch job, a backup -- and is lowered just below the threshold. It needs
-timestamps; without them the stage is Numenta's as published.
+timestamps; without them the stage is Numenta's as published. The last `recent_alarms` raw alarm
+times are kept per series for it.
 
 And one for robustness (issue 13): what the state keeps of a raw score, for the later points'
 moving averages and through them the history, is clipped to `clip_sigmas` (20) standard
@@ -25,11 +32,14 @@ real level shift all the same: each clipped point widens the bound.
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-from scipy.special import erfc
+import math
 
-LOG_1E_10 = np.log(1e-10)
+import numpy as np
+from numba import njit
+
+from models.state import SeriesState, private_slots
+
+LOG_1E_10 = math.log(1e-10)
 # Raw scores are read as at most this in magnitude (NaN as 0): squares and sums of a whole history
 # of them stay finite. Any raw score this large is an alarm anyway.
 RAW_LIMIT = 1e150
@@ -41,7 +51,8 @@ class AnomalyLikelihood:
     def __init__(self, avg_window: int = 10, history: int = 8640, learning_period: int = 300,
                  min_history: int = 50, red: float = 1e-5, yellow: float = 1e-3,
                  recurrence_period_s: float | None = 86400.0, recurrence_tolerance_s: float = 1800.0,
-                 clip_sigmas: float = 20.0, clip_after: int = 2, max_series: int = 100_000):
+                 clip_sigmas: float = 20.0, clip_after: int = 2, blocks: int = 16, recent_alarms: int = 8,
+                 prefix: str = "likelihood"):
         self.avg_window = avg_window
         self.history = history
         self.learning_period = learning_period
@@ -52,113 +63,131 @@ class AnomalyLikelihood:
         self.recurrence_tolerance_s = recurrence_tolerance_s
         self.clip_sigmas = clip_sigmas
         self.clip_after = clip_after
-        self.max_series = max_series
-        # series -> (last avg_window-1 raw scores, last `history` averages, points seen, last raw tail
-        # was red, times of the raw alarms of the last recurrence period)
-        self.state: dict[str, tuple[np.ndarray, np.ndarray, int, bool, np.ndarray]] = {}
+        self.blocks = blocks
+        self.block_size = -(-history // blocks)  # averages per block
+        self.recent_alarms = recent_alarms
+        self.prefix = prefix
 
-    def update(self, series: np.ndarray, raw: np.ndarray, epoch_s: np.ndarray | None = None) -> np.ndarray:
-        """Log-likelihood in [0, 1] for each row, in row order within each series."""
+    def state_fields(self) -> dict:
+        p, f8 = self.prefix, np.float64
+        return {
+            f"{p}.seen": (np.int64, ()),  # points seen (one average each)
+            f"{p}.raw": (f8, (max(self.avg_window - 1, 1),)),  # last avg_window-1 kept raw scores, a ring
+            f"{p}.ref": (f8, ()),  # the averages are summed as (average - ref), against cancellation
+            f"{p}.sum": (f8, (self.blocks,)),  # per block: sum of (average - ref)
+            f"{p}.sumsq": (f8, (self.blocks,)),  # per block: sum of its square
+            f"{p}.red": (np.bool_, ()),  # the last raw tail was red
+            f"{p}.alarms": (f8, (self.recent_alarms,)),  # times of the last raw alarms, a ring
+            f"{p}.n_alarms": (np.int64, ()),
+        }
+
+    def schema(self) -> str:
+        return repr(sorted((k, v) for k, v in vars(self).items() if not k.startswith("_")))
+
+    def update(self, series, raw, epoch_s=None, store: SeriesState | None = None,
+               slots: np.ndarray | None = None) -> np.ndarray:
+        """Log-likelihood in [0, 1] for each row, in row order within each series. `store`/`slots`:
+        the shared store and each row's slot (the Scorer's); without them, a store of its own."""
         raw = np.clip(np.nan_to_num(np.asarray(raw, dtype=np.float64), nan=0.0), -RAW_LIMIT, RAW_LIMIT)
+        if store is None:
+            store, slots = private_slots(self, self.state_fields(), self.schema(),
+                                         np.asarray(series, dtype=object))
+        a, p = store.arrays, self.prefix
+        times = np.zeros(len(raw)) if epoch_s is None else np.asarray(epoch_s, dtype=np.float64)
+        period = self.recurrence_period_s if (epoch_s is not None and self.recurrence_period_s) else 0.0
         out = np.empty(len(raw))
-        codes, names = pd.factorize(np.asarray(series, dtype=object))
-        for code, name in enumerate(names):
-            idx = np.flatnonzero(codes == code)
-            out[idx] = self._update_one(name, raw[idx], None if epoch_s is None else np.asarray(epoch_s)[idx])
+        _likelihood_rows(np.asarray(slots, np.int64), raw, times, out,
+                         a[f"{p}.seen"], a[f"{p}.raw"], a[f"{p}.ref"], a[f"{p}.sum"], a[f"{p}.sumsq"],
+                         a[f"{p}.red"], a[f"{p}.alarms"], a[f"{p}.n_alarms"],
+                         self.avg_window, self.block_size, self.learning_period, self.min_history,
+                         self.red, self.yellow, self.clip_sigmas, self.clip_after, float(period),
+                         float(self.recurrence_tolerance_s), self.threshold)
         return out
 
-    def _update_one(self, name: str, raw: np.ndarray, epoch_s: np.ndarray | None) -> np.ndarray:
-        past_raw, past_avg, seen, prev_red, past_alarms = self.state.pop(
-            name, (np.empty(0), np.empty(0), 0, False, np.empty(0)))
-        m, w, h, R, P = len(raw), self.avg_window, self.history, len(past_raw), len(past_avg)
-        # Moving averages over <= w raw scores, from prefix sums.
-        raw_all = np.concatenate([past_raw, raw])
-        c = np.concatenate([[0.0], np.cumsum(raw_all)])
-        ends = np.arange(R, R + m) + 1
-        starts = np.maximum(ends - w, 0)
-        counts = ends - starts
-        avg = (c[ends] - c[starts]) / counts
-        # Mean and std of the (up to h) averages *before* each point, from prefix sums (numpy, not
-        # pandas rolling: this runs per series per batch in the detector service).
-        seq = np.concatenate([past_avg, avg])
-        ref = seq[0]  # centre before summing squares, against cancellation
-        scaled = seq - ref
-        p1 = np.concatenate([[0.0], np.cumsum(scaled)])
-        p2 = np.concatenate([[0.0], np.cumsum(scaled * scaled)])
-        pos = np.arange(P, P + m)
-        lo_pos = np.maximum(pos - h, 0)
-        n = pos - lo_pos
-        mean, std = self._before(p1[pos] - p1[lo_pos], p2[pos] - p2[lo_pos], n, ref)
-        # What the state keeps of a raw score (for the later points' moving averages, and through
-        # them the history) is clipped to the bound its past gives: clip_sigmas standard deviations
-        # of the past averages around their mean. One extreme point then cannot blow up the
-        # history's mean and deviation (and blind the series for `history` points, or overflow).
-        # A point is judged once the points before it are settled, so a batch keeps the state of
-        # the same points in pieces. Clips are rare (about 1 point in 100 of the NAB EC2 series,
-        # raw values or robust z-scores): each one brings the sums after it up to date.
-        judged = n >= self.clip_after
-        start = 0  # points before it are settled
-        while True:
-            with np.errstate(invalid="ignore", over="ignore"):
-                spread = self.clip_sigmas * std[start:]
-                x = raw_all[R + start:] - mean[start:]
-                beyond = np.flatnonzero((np.abs(x) > spread) & judged[start:])
-            if len(beyond) == 0:
-                break
-            j = start + beyond[0]
-            bound = spread[beyond[0]]
-            old = raw_all[R + j]
-            raw_all[R + j] = mean[j] + min(max(old - mean[j], -bound), bound)
-            # The sums after it are summed again from the settled ones (not corrected by a
-            # difference, which would cancel badly when what was clipped was huge).
-            first = starts[j]
-            cs = np.concatenate([[0.0], np.cumsum(raw_all[first:])])
-            avg[j:] = (cs[ends[j:] - first] - cs[starts[j:] - first]) / counts[j:]
-            centred = avg[j:] - ref
-            p1[P + j + 1:] = p1[P + j] + np.cumsum(centred)
-            p2[P + j + 1:] = p2[P + j] + np.cumsum(centred * centred)
-            after = slice(j + 1, m)
-            mean[after], std[after] = self._before(p1[pos[after]] - p1[lo_pos[after]],
-                                                   p2[pos[after]] - p2[lo_pos[after]], n[after], ref)
-            start = j + 1
-        kept = raw_all[R:]
-        # A point itself is scored with its raw score, so an extreme point still raises its alarm;
-        # only what the later points see of it is clipped.
-        with np.errstate(invalid="ignore", over="ignore"):
-            z = np.abs(avg + (raw / counts - kept / counts) - mean) / std
-        tail = 0.5 * erfc(z / np.sqrt(2))
-        tail[np.isnan(tail) | (n < self.min_history) | (seen + np.arange(m) < self.learning_period)] = 0.5
-        red = tail <= self.red
-        prev = np.concatenate([[prev_red], red[:-1]])
-        filtered = np.where(red & prev, self.yellow, tail)
-        score = np.clip(np.log(filtered + 1e-10) / LOG_1E_10, 0.0, 1.0)
-        if epoch_s is not None and self.recurrence_period_s:
-            score, past_alarms = self._lower_recurring(score, epoch_s, past_alarms)
-        seq[P:] = avg
-        self.state[name] = (raw_all[max(0, len(raw_all) - (w - 1)):], seq[max(0, len(seq) - h):], seen + m,
-                            bool(red[-1]), past_alarms)
-        if len(self.state) > self.max_series:  # bounded memory: forget the least recently seen series
-            del self.state[next(iter(self.state))]
-        return score
 
-    @staticmethod
-    def _before(s1: np.ndarray, s2: np.ndarray, n: np.ndarray, ref: float):
-        """Mean and standard deviation (floored) of n averages from the sums of (average - ref) and
-        of its square."""
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            mean = ref + s1 / n
-            std = np.sqrt(np.maximum(s2 - s1 * s1 / n, 0.0) / (n - 1))
-        return mean, np.maximum(std, 1e-6 * np.maximum(1.0, np.abs(mean)))
-
-    def _lower_recurring(self, score: np.ndarray, epoch_s: np.ndarray, past_alarms: np.ndarray):
-        period, tol = self.recurrence_period_s, self.recurrence_tolerance_s
-        alarm = score >= self.threshold
-        times = np.concatenate([past_alarms, epoch_s[alarm]])  # raw alarms, in time order
-        # An alarm recurs if some raw alarm lies within +-tol of the same time one period earlier.
-        lo = np.searchsorted(times, epoch_s[alarm] - period - tol, side="left")
-        hi = np.searchsorted(times, epoch_s[alarm] - period + tol, side="right")
-        recurring = np.zeros(len(score), bool)
-        recurring[np.flatnonzero(alarm)[hi > lo]] = True
-        score = np.where(recurring, np.nextafter(self.threshold, 0.0), score)
-        keep_from = epoch_s[-1] - period - tol if len(epoch_s) else -np.inf
-        return score, times[times >= keep_from]
+@njit(cache=True, nogil=True)
+def _likelihood_rows(slots, raw, times, out, seen, ring, ref, bsum, bsumsq, prev_red, alarms, n_alarms,
+                     w, block_size, learning_period, min_history, red_tail, yellow, clip_sigmas, clip_after,
+                     period, tol, threshold):
+    n_blocks = bsum.shape[1]
+    n_ring = ring.shape[1]
+    n_recent = alarms.shape[1]
+    full = n_blocks * block_size
+    below = np.nextafter(threshold, 0.0)
+    for i in range(len(slots)):
+        s = slots[i]
+        x = raw[i]
+        k = seen[s]  # points (and averages) before this one
+        # Mean and deviation of the averages in the window, before this point.
+        n = k if k <= full else (n_blocks - 1) * block_size + (k - 1) % block_size + 1
+        t1 = 0.0
+        t2 = 0.0
+        for b in range(n_blocks):
+            t1 += bsum[s, b]
+            t2 += bsumsq[s, b]
+        mean = np.nan
+        std = np.nan
+        if n >= 1:
+            mean = ref[s] + t1 / n
+        if n >= 2:
+            std = math.sqrt(max(t2 - t1 * t1 / n, 0.0) / (n - 1))
+            std = max(std, 1e-6 * max(1.0, abs(mean)))
+        # Moving average of the last w raw scores (this one included).
+        m = min(k, w - 1)
+        acc = 0.0
+        for j in range(m):
+            acc += ring[s, (k - 1 - j) % n_ring]
+        cnt = m + 1
+        # What the state keeps of x: clipped to clip_sigmas deviations of the history (module doc).
+        kept = x
+        if n >= clip_after:
+            bound = clip_sigmas * std
+            if abs(x - mean) > bound:
+                kept = mean + min(max(x - mean, -bound), bound)
+        avg_kept = (acc + kept) / cnt
+        avg_raw = (acc + x) / cnt
+        tail = 0.5
+        if n >= min_history and k >= learning_period:
+            z = abs(avg_raw - mean) / std
+            tail = 0.5 * math.erfc(z / math.sqrt(2.0))
+            if math.isnan(tail):
+                tail = 0.5
+        red = tail <= red_tail
+        filtered = yellow if (red and prev_red[s]) else tail
+        prev_red[s] = red
+        score = min(max(math.log(filtered + 1e-10) / LOG_1E_10, 0.0), 1.0)
+        if period > 0.0 and score >= threshold:
+            t = times[i]
+            recurring = False
+            for r in range(min(n_alarms[s], n_recent)):
+                if t - period - tol <= alarms[s, r] <= t - period + tol:
+                    recurring = True
+            alarms[s, n_alarms[s] % n_recent] = t
+            n_alarms[s] += 1
+            if recurring:
+                score = below
+        out[i] = score
+        # The average joins the history: a new block starts every block_size averages; once the
+        # window is full the block it reuses (the oldest) leaves, and the sums are re-centred on
+        # the mean of what stays.
+        blk = (k // block_size) % n_blocks
+        if k % block_size == 0 and k >= full:
+            bsum[s, blk] = 0.0
+            bsumsq[s, blk] = 0.0
+            kept_n = (n_blocks - 1) * block_size
+            d = 0.0
+            for b in range(n_blocks):
+                d += bsum[s, b]
+            d /= kept_n
+            for b in range(n_blocks):
+                if b != blk:
+                    bsumsq[s, b] += -2.0 * d * bsum[s, b] + block_size * d * d
+                    bsum[s, b] -= block_size * d
+            ref[s] += d
+        if k == 0:
+            ref[s] = avg_kept
+        c = avg_kept - ref[s]
+        bsum[s, blk] += c
+        bsumsq[s, blk] += c * c
+        ring[s, k % n_ring] = kept
+        seen[s] = k + 1

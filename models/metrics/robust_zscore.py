@@ -1,69 +1,71 @@
 """Rolling robust z-score: distance of a point from the median of the previous `window` points of
 its series, in units of their median absolute deviation (x 1.4826, so it matches sigma for normal
 data). Median and MAD ignore the outliers they are meant to find, unlike mean and std. Streaming,
-per series; it learns nothing in fit()."""
+per series; it learns nothing in fit().
+
+Bounded state (issue 14): the moving median is a remedian (Rousseeuw & Bassett 1990): the points
+fill blocks of `block` values; each full block is replaced by its median, and the median of the
+last window/block block medians stands for the median of the last `window` points. Until the first
+block is full the median of the points so far is used (exact). The same for the deviations. About
+600 bytes per series instead of two 576-value windows (9 KB).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import bottleneck as bn
 import numpy as np
-import pandas as pd
+from numba import njit
 
 from models.base import Detector, read_json, write_json
 from models.metrics.features import FeatureBatch
+from models.state import private_slots
 
 
 class RobustZScoreDetector(Detector):
     name = "robust_zscore"
 
     def __init__(self, window: int = 576, min_points: int = 20, cap: float = 50.0, threshold: float = 6.0,
-                 max_series: int = 100_000):
-        self.params = {"window": window, "min_points": min_points, "cap": cap, "threshold": threshold}
+                 block: int = 24):
+        self.params = {"window": window, "min_points": min_points, "cap": cap, "threshold": threshold,
+                       "block": block}
         self.threshold = threshold
-        self.max_series = max_series
-        self.past: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # series -> last values, deviations
+        self.block = min(block, window)
+        self.n_blocks = max(1, window // self.block)
 
     def fit(self, history: FeatureBatch) -> "RobustZScoreDetector":
         return self
 
     def for_stream(self) -> "RobustZScoreDetector":
-        return type(self)(**self.params, max_series=self.max_series)
+        return type(self)(**self.params)
+
+    def state_fields(self) -> dict:
+        p, L, K = self.name, self.block, self.n_blocks
+        fields = {}
+        for part, dt in (("value", np.float64), ("deviation", np.float32)):
+            fields |= {f"{p}.{part}.open": (dt, (L,)),  # values of the block being filled
+                       f"{p}.{part}.n_open": (np.int16, ()),
+                       f"{p}.{part}.medians": (dt, (K,)),  # medians of the last K full blocks, a ring
+                       f"{p}.{part}.n_full": (np.int64, ()),
+                       f"{p}.{part}.median": (np.float64, ())}  # median of those medians
+        return fields
+
+    def schema(self) -> str:
+        return repr(sorted(self.params.items()))
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
-        out = np.zeros(len(batch))
-        window, cap = self.params["window"], self.params["cap"]
-        codes, names = pd.factorize(batch.series)
-        for code, name in enumerate(names):
-            idx = np.flatnonzero(codes == code)
-            # The past values and their deviations are both kept, so a stream scored in pieces gets
-            # exactly the scores of the whole series scored at once.
-            past_values, past_devs = self.past.pop(name, (np.empty(0), np.empty(0)))
-            new = batch.values[idx]
-            values = np.concatenate([past_values, new])
-            median = self._median_before(values, len(past_values))
-            with np.errstate(over="ignore", invalid="ignore"):  # |1e308 - -1e308| is inf: z = cap
-                deviation = np.abs(new - median)
-                devs = np.concatenate([past_devs, deviation])
-                mad = self._median_before(devs, len(past_devs))
-                z = deviation / (1.4826 * mad + 1e-9)
-            # One extreme point is one of `window` values and deviations: the medians do not move.
-            out[idx] = np.minimum(np.nan_to_num(z, nan=0.0, posinf=cap), cap)
-            self.past[name] = (values[max(0, len(values) - window):], devs[max(0, len(devs) - window):])
-        while len(self.past) > self.max_series:
-            del self.past[next(iter(self.past))]
+        store, slots = batch.store, batch.slots
+        if store is None or f"{self.name}.value.open" not in store.arrays:
+            store, slots = private_slots(self, self.state_fields(), self.schema(), batch.series)
+        a, p = store.arrays, self.name
+        out = np.empty(len(batch))
+        _robust_z_rows(np.asarray(slots, np.int64), np.asarray(batch.values, np.float64), out,
+                       a[f"{p}.value.open"], a[f"{p}.value.n_open"], a[f"{p}.value.medians"],
+                       a[f"{p}.value.n_full"], a[f"{p}.value.median"],
+                       a[f"{p}.deviation.open"], a[f"{p}.deviation.n_open"], a[f"{p}.deviation.medians"],
+                       a[f"{p}.deviation.n_full"], a[f"{p}.deviation.median"],
+                       self.params["min_points"], float(self.params["cap"]))
         return out
-
-    def _median_before(self, x: np.ndarray, start: int) -> np.ndarray:
-        """For x[start:], the median of the `window` points before each (bottleneck's C moving
-        median, not pandas rolling: this runs per series per batch in the detector service)."""
-        window, min_points = self.params["window"], self.params["min_points"]
-        if len(x) < min_points:
-            return np.full(len(x) - start, np.nan)
-        # A window longer than the data means "every point so far" (bottleneck wants it to fit).
-        moving = bn.move_median(x, min(window, len(x)), min_count=min_points)
-        return np.concatenate([[np.nan], moving])[start:len(x)]
 
     def save(self, folder: Path) -> None:
         write_json(folder / "robust_zscore.json", {"params": self.params})
@@ -71,3 +73,45 @@ class RobustZScoreDetector(Detector):
     @classmethod
     def load(cls, folder: Path) -> "RobustZScoreDetector":
         return cls(**read_json(folder / "robust_zscore.json")["params"])
+
+
+@njit(cache=True, nogil=True)
+def _median_before(s, open_, n_open, medians, n_full, median, min_points):
+    if n_full[s] > 0:
+        return median[s]
+    if n_open[s] >= min_points:
+        return np.median(open_[s, :n_open[s]].astype(np.float64))
+    return np.nan
+
+
+@njit(cache=True, nogil=True)
+def _push(s, x, open_, n_open, medians, n_full, median):
+    open_[s, n_open[s]] = x
+    n_open[s] += 1
+    if n_open[s] == open_.shape[1]:
+        k = medians.shape[1]
+        medians[s, n_full[s] % k] = np.median(open_[s])
+        n_full[s] += 1
+        n_open[s] = 0
+        median[s] = np.median(medians[s, :min(n_full[s], k)].astype(np.float64))
+
+
+@njit(cache=True, nogil=True)
+def _robust_z_rows(slots, values, out, v_open, v_n, v_med, v_full, v_median,
+                   d_open, d_n, d_med, d_full, d_median, min_points, cap):
+    for i in range(len(slots)):
+        s = slots[i]
+        x = values[i]
+        median = _median_before(s, v_open, v_n, v_med, v_full, v_median, min_points)
+        _push(s, x, v_open, v_n, v_med, v_full, v_median)
+        z = 0.0
+        if not np.isnan(median):
+            deviation = abs(x - median)  # |1e308 - -1e308| is inf: z = cap
+            mad = _median_before(s, d_open, d_n, d_med, d_full, d_median, min_points)
+            _push(s, deviation, d_open, d_n, d_med, d_full, d_median)
+            if not np.isnan(mad):
+                z = deviation / (1.4826 * mad + 1e-9)
+                if np.isnan(z):
+                    z = 0.0
+        # One extreme point is one of `window` values and deviations: the medians do not move.
+        out[i] = min(z, cap)

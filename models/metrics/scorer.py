@@ -13,6 +13,7 @@ import numpy as np
 from models.metrics.features import SeriesWindows, build_batch
 from models.metrics.likelihood import AnomalyLikelihood
 from models.metrics.model_set import ModelSet
+from models.state import SeriesState
 
 
 @dataclass
@@ -34,8 +35,9 @@ def combine(flags: dict[str, np.ndarray], rule: str) -> np.ndarray:
 
 
 class Scorer:
-    """Keeps the per-series windows and streaming state between calls, so it must see each series
-    in time order. `decision` (default: the model set's) names the outputs that decide."""
+    """Keeps the per-series windows and streaming state between calls in one state store (`store`,
+    one slot per series), so it must see each series in time order. `decision` (default: the model
+    set's) names the outputs that decide."""
 
     def __init__(self, model_set: ModelSet, rule: str = "or", decision: list[str] | None = None):
         combine({"x": np.zeros(1, bool)}, rule)  # reject a bad rule at start, not on the first batch
@@ -48,15 +50,25 @@ class Scorer:
                              f"model set {model_set.name} has {model_set.outputs()}")
         self.windows = SeriesWindows()
         self.detectors = {name: det.for_stream() for name, det in model_set.detectors.items()}
-        self.likelihood = {src: AnomalyLikelihood() for src in model_set.likelihood_sources}
+        self.likelihood = {src: AnomalyLikelihood(prefix=f"{src}_likelihood")
+                           for src in model_set.likelihood_sources}
+        # Every streaming component's fields in one store; its schema (the components'
+        # hyper-parameters) goes into the fingerprint an exported state carries.
+        parts = [self.windows, *self.detectors.values(), *self.likelihood.values()]
+        stateful = [c for c in parts if hasattr(c, "state_fields")]
+        self.store = SeriesState({k: v for c in stateful for k, v in c.state_fields().items()},
+                                 "|".join(f"{type(c).__name__}:{c.schema()}" for c in stateful))
 
-    def score(self, series, epoch_s, values) -> ScoreResult:
-        batch = build_batch(self.model_set.scaler, self.windows, series, epoch_s, values)
+    def score(self, series, epoch_s, values, partition=None) -> ScoreResult:
+        """`partition`: the input partition of each row (or one for all), kept with the series'
+        state so that the state can be written to and dropped with that partition."""
+        slots = self.store.slots(series, partition, epoch_s)
+        batch = build_batch(self.model_set.scaler, self.windows, series, epoch_s, values, self.store, slots)
         scores = {name: det.score(batch) for name, det in self.detectors.items()}
         flags = {name: self.detectors[name].decide(s) for name, s in scores.items()}
         for src, stage in self.likelihood.items():
             name = f"{src}_likelihood"
             scores[name] = stage.update(batch.series, batch.values if src == "value" else scores[src],
-                                        batch.timestamps)
+                                        batch.timestamps, self.store, slots)
             flags[name] = scores[name] >= stage.threshold
         return ScoreResult(scores, flags, combine({n: flags[n] for n in self.decision}, self.rule))

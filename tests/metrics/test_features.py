@@ -19,6 +19,7 @@ from models.metrics.features import (
     read_series_csv,
     time_features,
 )
+from models.state import SeriesState
 
 UTC = timezone.utc
 
@@ -107,23 +108,37 @@ def interleaved_stream(n: int = 200, n_series: int = 4, seed: int = 0):
     return series, X
 
 
+def raw_windows(sw: SeriesWindows, store: SeriesState, series, X) -> np.ndarray:
+    """Windows of the rows (value, time) = X's two columns, stacked like X."""
+    slots = store.slots(np.array(series, dtype=object))
+    win_v, win_t = sw.raw(store, slots, X[:, 1], X[:, 0])
+    return np.stack([win_v, win_t], axis=-1)
+
+
+def new_store(sw: SeriesWindows) -> SeriesState:
+    return SeriesState(sw.state_fields(), sw.schema(), capacity=2)  # tiny: growing is exercised too
+
+
 @pytest.mark.parametrize("seq_len", [SEQ_LEN, 3, 1])
 def test_windows_of_chunks_equal_windows_of_whole(seq_len):
     series, X = interleaved_stream()
-    whole = SeriesWindows(seq_len=seq_len).windows(np.array(series, dtype=object), X)
+    X = X[:, :2].astype(np.float64)
+    sw = SeriesWindows(seq_len=seq_len)
+    whole = raw_windows(sw, new_store(sw), series, X)
     np.testing.assert_array_equal(whole, expected_windows(series, X, seq_len))
     rng = np.random.default_rng(seq_len)
     cuts = np.sort(rng.choice(np.arange(1, len(series)), 15, replace=False))
     cuts = np.concatenate([[0, 1, 2], cuts[cuts > 2], [len(series)]])  # chunks of one row too
-    sw = SeriesWindows(seq_len=seq_len)
-    parts = [sw.windows(np.array(series[a:b], dtype=object), X[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    store = new_store(sw)
+    parts = [raw_windows(sw, store, series[a:b], X[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
 def test_first_window_padded_with_first_row():
-    X = np.arange(12, dtype=np.float32).reshape(4, 3)
-    w = SeriesWindows(seq_len=3).windows(np.array(["a"] * 4, dtype=object), X)
-    assert w.shape == (4, 3, 3)
+    X = np.arange(8, dtype=np.float64).reshape(4, 2)
+    sw = SeriesWindows(seq_len=3)
+    w = raw_windows(sw, new_store(sw), ["a"] * 4, X)
+    assert w.shape == (4, 3, 2)
     np.testing.assert_array_equal(w[0], [X[0], X[0], X[0]])
     np.testing.assert_array_equal(w[1], [X[0], X[0], X[1]])
     np.testing.assert_array_equal(w[3], [X[1], X[2], X[3]])
@@ -131,35 +146,31 @@ def test_first_window_padded_with_first_row():
 
 def test_each_window_ends_at_its_row():
     series, X = interleaved_stream(50)
-    w = SeriesWindows().windows(np.array(series, dtype=object), X)
-    np.testing.assert_array_equal(w[:, -1, :], X)
+    X = X[:, :2].astype(np.float64)
+    sw = SeriesWindows()
+    np.testing.assert_array_equal(raw_windows(sw, new_store(sw), series, X)[:, -1, :], X)
 
 
-def test_history_bounded_by_max_series():
-    sw = SeriesWindows(seq_len=3, max_series=3)
-    row = np.ones((1, 3), dtype=np.float32)
-    for i in range(10):
-        sw.windows(np.array([f"s{i}"], dtype=object), row * i)
-        assert len(sw.history) <= 3
-    assert set(sw.history) == {"s7", "s8", "s9"}
-    # a forgotten series starts again from a padded window
-    w = sw.windows(np.array(["s0"], dtype=object), row * 100)
-    np.testing.assert_array_equal(w[0], np.full((3, 3), 100))
+def test_a_dropped_series_starts_again_from_a_padded_window():
+    sw = SeriesWindows(seq_len=3)
+    store = new_store(sw)
+    row = np.ones((1, 2))
+    for i in range(5):
+        raw_windows(sw, store, ["a"], row * i)
+    store.drop(store.find(["a"]))
+    assert len(store) == 0 and store.find(["a"])[0] == -1
+    w = raw_windows(sw, store, ["a"], row * 100)
+    np.testing.assert_array_equal(w[0], np.full((3, 2), 100.0))
 
 
-def test_history_keeps_the_series_seen_most_recently():
-    sw = SeriesWindows(seq_len=3, max_series=2)
-    row = np.ones((1, 3), dtype=np.float32)
-    for name in ["a", "b", "a", "c"]:  # "a" is still active when "c" arrives: "b" is the one to forget
-        sw.windows(np.array([name], dtype=object), row)
-    assert set(sw.history) == {"a", "c"}
-
-
-def test_history_holds_seq_len_minus_one_rows():
+def test_state_holds_seq_len_minus_one_points():
     sw = SeriesWindows(seq_len=4)
-    X = np.arange(30, dtype=np.float32).reshape(10, 3)
-    sw.windows(np.array(["a"] * 10, dtype=object), X)
-    np.testing.assert_array_equal(sw.history["a"], X[-3:])
+    store = new_store(sw)
+    X = np.arange(20, dtype=np.float64).reshape(10, 2)
+    raw_windows(sw, store, ["a"] * 10, X)
+    slot = store.find(["a"])[0]
+    np.testing.assert_array_equal(store.arrays["window.times"][slot], X[-3:, 1])
+    np.testing.assert_array_equal(store.arrays["window.values"][slot], X[-3:, 0])
 
 
 def test_build_batch():

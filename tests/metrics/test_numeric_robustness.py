@@ -57,8 +57,8 @@ def test_likelihood_stage_one_extreme_point(extreme):
     stage = AnomalyLikelihood()
     out = np.concatenate([stage.update(series[a:b], values[a:b], t[a:b]) for a, b in in_batches(len(values))])
     assert np.isfinite(out).all() and ((0 <= out) & (out <= 1)).all()
-    for name, (raw_past, avgs, *_rest) in stage.state.items():
-        assert np.isfinite(raw_past).all() and np.isfinite(avgs).all(), name
+    for field, arr in stage._own_store.arrays.items():  # every kept raw score, sum and square
+        assert np.isfinite(arr).all(), field
     spiked, control = out[series == "spiked"] >= 0.5, out[series == "control"] >= 0.5
     assert spiked[SPIKE], "the extreme point itself raises an alarm"
     # Afterwards the spiked series alarms as the control does: the shift, at the same point.
@@ -97,8 +97,8 @@ def test_robust_zscore_one_extreme_point(extreme):
     spiked, control = z[series == "spiked"], z[series == "control"]
     assert det.decide(spiked)[SPIKE] and spiked[SPIKE] >= 40
     assert det.decide(spiked)[SHIFT] and det.decide(control)[SHIFT]
-    for past_values, past_devs in det.past.values():
-        assert not np.isnan(past_values).any()
+    for field, arr in det._own_store.arrays.items():
+        assert not np.isnan(arr).any(), field
 
 
 @pytest.mark.parametrize("extreme", EXTREMES)
@@ -175,7 +175,8 @@ def test_likelihood_stage_with_clips_streams_in_pieces_as_in_one_call():
     parts = np.concatenate([stage.update(series[a:b], raw[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
     np.testing.assert_allclose(parts, whole, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(parts >= 0.5, whole >= 0.5)
-    for name in ("a", "b"):
-        for x, y in zip(stage.state[name][:2], whole_stage.state[name][:2]):
-            np.testing.assert_allclose(x, y, rtol=1e-9)
+    piece_state, whole_state = stage._own_store, whole_stage._own_store
+    for field in piece_state.arrays:
+        np.testing.assert_allclose(piece_state.arrays[field][piece_state.find(["a", "b"])],
+                                   whole_state.arrays[field][whole_state.find(["a", "b"])], rtol=1e-9)
     assert np.isfinite(whole).all()
