@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     workers: int = Field(3, ge=1, le=64)
     batch_size: int = Field(5000, ge=1, le=100_000)
     poll_timeout_s: float = Field(0.1, gt=0, le=60)
+    # Per-series state (models/state.py, services/detector/series_state.py): how often the changed
+    # series' state goes to the changelog with the offsets (one transaction under exactly-once, so
+    # also how long an output waits to be visible to read_committed readers), and after how long
+    # without a point (event time) a series leaves memory (read back from the changelog if it returns).
+    detector_commit_interval_s: float = Field(0.2, ge=0, le=60)
+    state_idle_s: float = Field(86_400.0, gt=0)
     max_message_bytes: int = Field(64 * 1024, ge=64)
     # Largest record the services produce (librdkafka's message.max.bytes, and the dead_letter
     # topic's max.message.bytes when anomstream creates it). A message to dead-letter that is

@@ -20,9 +20,11 @@ import time
 from collections import Counter, defaultdict
 
 import click
+import numpy as np
 
 from models.base import ArtifactError
 from services.detector.kmeans import BrokerMetricsScoring
+from services.detector.series_state import SeriesChangelog, by_topic
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
@@ -76,11 +78,21 @@ class DetectorProcessor(Processor):
 
     name = "detector"
 
-    def __init__(self, settings: Settings, scorers: dict, cluster: BrokerMetricsScoring | None = None):
+    def __init__(self, settings: Settings, scorers: dict, cluster: BrokerMetricsScoring | None = None, log=None):
         self.settings = settings
         self.scorers = scorers  # topic -> Scorer
         self.cluster = cluster  # scores settings.topic_kafka_metrics when a K-Means model is trained
         self.stats = Counter()
+        self.loop: StreamLoop | None = None
+        self.checkpoint_interval_s = settings.detector_commit_interval_s
+        # Each Scorer's per-series state, backed by its input topic's changelog.
+        self.state = {topic: SeriesChangelog(settings, topic, scorer.store, log) for topic, scorer in scorers.items()}
+
+    def attach(self, loop: StreamLoop) -> None:
+        self.loop = loop
+        partitions = self.settings.topic_partitions()
+        for topic, changelog in self.state.items():
+            changelog.ensure(partitions.get(topic, 1))
 
     def topics(self) -> list[str]:
         return list(self.scorers) + ([self.settings.topic_kafka_metrics] if self.cluster is not None else [])
@@ -106,7 +118,9 @@ class DetectorProcessor(Processor):
         if not decoded.index:
             return
         good = [msgs[i] for i in decoded.index]
-        scored = scorer.score(decoded.series, decoded.timestamps, decoded.values)
+        self.state[topic].bring_back(decoded.series)
+        scored = scorer.score(decoded.series, decoded.timestamps, decoded.values,
+                              np.fromiter((m.partition() for m in good), np.int32, len(good)))
         values = encode_score_records(
             decoded.series, decoded.timestamps, decoded.values, scored.is_anomaly, scored.scores, scored.flags,
             scorer.decision, scorer.model_set.version, topic,
@@ -121,15 +135,41 @@ class DetectorProcessor(Processor):
         self.stats["anomalies"] += sum(anomalous)
 
     def checkpoint(self) -> None:
+        """Called after the outputs are acknowledged (at-least-once) or inside the batch's
+        transaction (exactly-once): the changed series' state goes to the changelog before the
+        offsets move."""
+        loop = self.loop
+        for changelog in self.state.values():
+            changelog.write_changed(loop.producer, loop.tracker)
+        if self.settings.delivery != "exactly_once":
+            loop.tracker.flush(loop.producer, loop.log)  # durable before the commit
+        for changelog in self.state.values():
+            changelog.maybe_evict()
         if self.cluster is not None:
             self.cluster.checkpoint()
 
     def on_assign(self, partitions) -> None:
+        for topic, parts in by_topic(partitions).items():
+            if topic in self.state:
+                self.state[topic].restore(parts)
         if self.cluster is not None:
             self.cluster.on_assign(partitions)
 
+    def on_revoke(self, partitions) -> None:
+        for topic, parts in by_topic(partitions).items():
+            if topic in self.state:
+                self.state[topic].drop(parts)
+
+    def close(self) -> None:
+        for changelog in self.state.values():
+            changelog.close()
+
     def progress(self) -> dict:
-        return dict(self.stats) | (dict(self.cluster.stats) if self.cluster is not None else {})
+        figures = dict(self.stats)
+        for changelog in self.state.values():
+            figures.update({k: figures.get(k, 0) + v for k, v in changelog.stats.items()})
+        figures["series_in_memory"] = sum(len(s.store) for s in self.scorers.values())
+        return figures | (dict(self.cluster.stats) if self.cluster is not None else {})
 
 
 def worker_main(settings: Settings, worker_id: int) -> None:
@@ -177,7 +217,7 @@ def worker_main(settings: Settings, worker_id: int) -> None:
     gc.freeze()
     # A static member, "<group>-detector-<instance>-<worker>": the worker restarted in this slot takes
     # the dead one's partitions back at once.
-    worker = StreamLoop(settings, DetectorProcessor(settings, scorers, cluster), settings.consumer_group, log,
+    worker = StreamLoop(settings, DetectorProcessor(settings, scorers, cluster, log), settings.consumer_group, log,
                         instance_id=group_instance_id(settings, settings.consumer_group, "detector", worker_id))
     worker.stopping = stop["flag"]
     log.info("worker ready", topics=worker.processor.topics(), batch_size=settings.batch_size,

@@ -1,0 +1,172 @@
+"""The detector's per-series state on Kafka: the state store of one input topic's Scorer, backed by
+a compacted changelog topic (as Kafka Streams backs its state stores).
+
+- At each checkpoint the state of every series the batches changed is written to the changelog,
+  keyed by series, to the partition of the input message it came from (input partition p ->
+  changelog partition p); under exactly-once it goes in the same transaction as the outputs and
+  the input offsets, so state, outputs and offsets move together.
+- On assignment of input partition p its series are read back from changelog partition p before
+  p's first message is scored; on revocation they are dropped.
+- Series idle for `state_idle_s` (event time) are evicted from memory, counted, and read back
+  from the changelog (by the offset of their last record) if they come back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+from confluent_kafka import Consumer, TopicPartition
+
+from shared.changelog import changelog_topic, ensure_changelog, restore, write
+from shared.config import Settings
+from shared.kafka import client_config
+
+EVICT_EVERY_S = 30.0
+
+
+class SeriesChangelog:
+    def __init__(self, settings: Settings, topic: str, store, log):
+        self.settings = settings
+        self.topic = topic
+        self.store = store  # models.state.SeriesState
+        self.log = log
+        self.name = changelog_topic(settings, "detector", topic)
+        self.offset = np.full(len(store.keys), -1, np.int64)  # slot -> offset of its last changelog record
+        self.evicted: dict[str, tuple[int, int]] = {}  # series -> (partition, changelog offset)
+        self.stats = Counter()
+        self._fetcher: Consumer | None = None
+        self._last_evict = time.monotonic()
+
+    def ensure(self, partitions: int) -> None:
+        ensure_changelog(self.settings, self.name, partitions)
+
+    # -- assignment ----------------------------------------------------------------------------
+    def restore(self, partitions: list[int]) -> None:
+        """Read the series of these input partitions back, before their first message is scored."""
+        if not partitions:
+            return
+        start = time.monotonic()
+        records = restore(self.settings, self.name, partitions, with_offsets=True)
+        idle_before = self._idle_before()
+        for p, by_key in records.items():
+            keys = [k.decode() for k in by_key]
+            blobs = [v for v, _off in by_key.values()]
+            offsets = np.array([off for _v, off in by_key.values()], np.int64)
+            refused = [k for k, b in zip(keys, blobs) if self.store.check(b)]
+            if refused:
+                self.log.warning("changelog states written by another model version or layout are ignored; "
+                                 "those series learn again", changelog=self.name, partition=p,
+                                 series=len(refused), example=refused[0], why=self.store.check(by_key[refused[0].encode()][0]))
+            self.store.load(keys, blobs, partition=p)
+            slots = self.store.find(keys)
+            self._fit_offsets()
+            ok = slots >= 0
+            self.offset[slots[ok]] = offsets[ok]
+            self.stats["series_restored"] += int(ok.sum())
+        self.evict(idle_before)  # series long idle go back to the changelog at once
+        self.log.info("series state restored", changelog=self.name, partitions=partitions,
+                      series=sum(len(r) for r in records.values()), seconds=round(time.monotonic() - start, 3))
+
+    def drop(self, partitions: list[int]) -> None:
+        slots = self.store.in_partitions(partitions)
+        self.store.drop(slots)
+        self.offset[slots] = -1
+        gone = {p for p in partitions}
+        self.evicted = {k: v for k, v in self.evicted.items() if v[0] not in gone}
+        self.stats["series_dropped_on_revoke"] += len(slots)
+
+    # -- scoring -------------------------------------------------------------------------------
+    def bring_back(self, series: np.ndarray) -> None:
+        """Before scoring: series evicted as idle that come back are read from the changelog."""
+        if not self.evicted:
+            return
+        uniques = np.unique(np.asarray(series, dtype=object))
+        missing = uniques[self.store.find(uniques) < 0]
+        back = [k for k in missing.tolist() if k in self.evicted]  # only series not in memory
+        if not back:
+            return
+        consumer = self._consumer()
+        for key in back:
+            p, off = self.evicted.pop(key)
+            consumer.assign([TopicPartition(self.name, p, off)])
+            msgs = [m for m in consumer.consume(1, 10) if not m.error()]
+            if msgs and msgs[0].key() == key.encode():
+                self.store.load([key], [msgs[0].value()], partition=p)
+                slot = self.store.find([key])[0]
+                self._fit_offsets()
+                self.offset[slot] = off
+                self.stats["series_brought_back"] += 1
+            else:
+                self.log.warning("evicted series not found in the changelog; it learns again", series=key,
+                                 changelog=self.name, partition=p, offset=off)
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def write_changed(self, producer, on_delivery) -> int:
+        """The state of every series changed since the last call, to its partition's changelog."""
+        slots = self.store.take_dirty()
+        if not len(slots):
+            return 0
+        self._fit_offsets()
+        blobs = self.store.export(slots)
+        keys, parts = self.store.keys[slots].tolist(), self.store.partition[slots].tolist()
+        offsets = self.offset
+
+        for slot, key, part, blob in zip(slots.tolist(), keys, parts, blobs):
+            def delivered(err, msg, slot=slot):
+                if err is None:
+                    offsets[slot] = msg.offset()
+                on_delivery(err, msg)
+            write(producer, self.name, part, key.encode(), blob, on_delivery=delivered)
+        self.stats["states_written"] += len(slots)
+        return len(slots)
+
+    def maybe_evict(self) -> None:
+        if time.monotonic() - self._last_evict >= EVICT_EVERY_S:
+            self._last_evict = time.monotonic()
+            self.evict(self._idle_before())
+
+    def evict(self, before: float) -> None:
+        """Series whose last point is older than `before` leave memory; their state is in the
+        changelog (only series written and acknowledged are evicted)."""
+        slots = self.store.idle(before)
+        slots = slots[self.offset[slots] >= 0] if len(slots) else slots
+        if not len(slots):
+            return
+        for key, part, off in zip(self.store.keys[slots].tolist(), self.store.partition[slots].tolist(),
+                                  self.offset[slots].tolist()):
+            self.evicted[key] = (part, off)
+        self.store.drop(slots)
+        self.offset[slots] = -1
+        self.stats["series_evicted"] += len(slots)
+
+    def _idle_before(self) -> float:
+        used = self.store.keys != None  # noqa: E711
+        newest = float(self.store.last_seen[used].max()) if used.any() else 0.0
+        return newest - self.settings.state_idle_s
+
+    def _fit_offsets(self) -> None:
+        if len(self.offset) < len(self.store.keys):  # the store grew
+            grown = np.full(len(self.store.keys), -1, np.int64)
+            grown[:len(self.offset)] = self.offset
+            self.offset = grown
+
+    def _consumer(self) -> Consumer:
+        if self._fetcher is None:
+            self._fetcher = Consumer(client_config(self.settings) | {
+                "group.id": "anomstream-state-fetch", "enable.auto.commit": False,
+                "isolation.level": "read_committed"})
+        return self._fetcher
+
+    def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
+
+
+def by_topic(partitions) -> dict[str, list[int]]:
+    out = defaultdict(list)
+    for tp in partitions:
+        out[tp.topic].append(tp.partition)
+    return out
