@@ -145,6 +145,16 @@ class Settings(BaseSettings):
     slack_timeout_s: float = Field(10.0, gt=0)
     alert_cooldown_s: float = Field(300.0, ge=0)
 
+    # --- State changelogs and the alerter's once-only posting (shared.changelog; added together).
+    # A service's per-key state on a compacted topic "<state_topic_prefix>-<service>-<input topic>",
+    # one partition per input partition, restored when a partition is assigned.
+    state_topic_prefix: str = Field("anomstream-state", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    state_restore_timeout_s: float = Field(120.0, gt=0)  # reading a changelog to its end on assignment
+    # FOR TESTS ONLY (fault injection): the alerter sleeps this long after an alert was posted and its
+    # durable marker written, before the record is committed, so a test can kill it in that gap. 0: off.
+    fault_pause_after_post_s: float = Field(0.0, ge=0)
+    # --- end of state changelog settings
+
     # --- Rules service (detector definitions: rules/*.yaml)
     rules_dir: Path = Field(default_factory=lambda: Path.cwd() / "rules")
     rules_group: str = "anomstream-rules"

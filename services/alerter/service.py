@@ -9,6 +9,14 @@ Slack's 429 (Retry-After), 5xx and connection errors are retried by slack-sdk's 
 they give up, the alert is retried with backoff until Slack takes it or the service stops (then it is
 re-read on the next start). A per-series cooldown, in event time, suppresses repeats and counts them;
 a rule firing has its own cooldown per definition and group, so it never hides an ML alert.
+
+Each alert is posted at most once and none is lost: right after Slack accepted a post, and before
+the record is committed, the alerter writes which record of the partition it posted (and to which
+channels) to its changelog topic (services.alerter.state) and waits for the broker's
+acknowledgement. On partition assignment it restores that marker and the cooldowns: a record read
+again after a crash is skipped (`already_posted`) instead of posted again. The one gap left is a
+crash after Slack answered and before the marker was acknowledged (milliseconds): that alert is
+posted again.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import click
+from confluent_kafka import TopicPartition
 from pydantic import ValidationError
 from slack_sdk.errors import SlackApiError
 
@@ -30,6 +39,14 @@ from services.alerter.formatting import (
     format_rule_alert,
 )
 from services.alerter.slack import PERMANENT_CHANNEL_ERRORS, SlackNotifier
+from services.alerter.state import (
+    POSTED,
+    ChangelogStore,
+    MemoryStore,
+    Posted,
+    cooldown_entry,
+    parse_partition,
+)
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
@@ -59,30 +76,39 @@ class Alerter(Processor):
     name = "alerter"
     batch_size = 1  # one alert, one commit: a crash re-posts at most the alert in flight
 
-    def __init__(self, settings: Settings, log):
+    def __init__(self, settings: Settings, log, store: ChangelogStore | MemoryStore | None = None):
         self.settings = settings
         self.log = log
         self.slack = SlackNotifier(settings)
         self.loop: StreamLoop | None = None
+        self.store = store if store is not None else ChangelogStore(settings, log)
         # cooldown key (series, or "rule:<definition>:<group>") -> event time of the last alert posted
         self.last_alert: dict[str, float] = {}
+        self.cooldown_partition: dict[str, int] = {}  # cooldown key -> the partition whose record set it
+        self.posted: dict[int, Posted] = {}  # per partition restored (assigned): its last record posted
         self.stats = Counter()
         self.suppressed = Counter()
         self.stopping = False
 
-    def deliver(self, text: str, blocks: list[dict], channels: list[str] | None = None) -> list[str] | None:
-        """Post to every target until each accepted. Returns the targets Slack refused for good (a
-        channel that does not exist or the bot is not in: retrying cannot help, and would block
-        every alert behind this one), or None if the service is stopping first (the alert is not
-        committed). A target that accepted is not posted again when a later one is retried."""
+    def deliver(self, text: str, blocks: list[dict], channels: list[str] | None = None, done=(),
+                on_posted=None) -> list[str] | None:
+        """Post to every target (but those in `done`) until each accepted; `on_posted(target)` right
+        after each acceptance. Returns the targets Slack refused for good (a channel that does not
+        exist or the bot is not in: retrying cannot help, and would block every alert behind this
+        one), or None if the service is stopping first (the alert is not committed). A target that
+        accepted is not posted again when a later one is retried."""
         refused = []
         for channel in self.slack.targets(channels or []):
+            if channel in done:
+                continue
             delay = 1.0
             while True:
                 if self.stopping:
                     return None
                 try:
                     self.slack.post(text, blocks, channel)
+                    if on_posted is not None:
+                        on_posted(channel)
                     break
                 except SlackApiError as exc:
                     error = exc.response.get("error") if exc.response is not None else None
@@ -118,6 +144,71 @@ class Alerter(Processor):
     def topics(self) -> list[str]:
         return [self.settings.topic_anomalies]
 
+    # -- durable state (services.alerter.state) ------------------------------------------------
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        new = [tp.partition for tp in partitions
+               if tp.topic == self.settings.topic_anomalies and tp.partition not in self.posted]
+        if new:
+            self.restore(new)
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        gone = {tp.partition for tp in partitions if tp.topic == self.settings.topic_anomalies}
+        for p in gone:
+            self.posted.pop(p, None)
+        for key in [k for k, p in self.cooldown_partition.items() if p in gone]:
+            del self.cooldown_partition[key]
+            self.last_alert.pop(key, None)
+
+    def restore(self, partitions: list[int]) -> None:
+        started = time.monotonic()
+        loaded = self.store.load(sorted(partitions))
+        cooldowns = 0
+        for p, entries in loaded.items():
+            self.posted[p], restored = parse_partition(entries)
+            cooldowns += len(restored)
+            for key, event_time in restored.items():
+                # A key set from two partitions (rare: records of one key usually share a partition): the later time.
+                if key not in self.last_alert or event_time > self.last_alert[key]:
+                    self.last_alert[key], self.cooldown_partition[key] = event_time, p
+        self.log.info("alerter state restored", partitions=sorted(partitions), cooldowns=cooldowns,
+                      last_posted={p: self.posted[p].offset for p in sorted(partitions)},
+                      seconds=round(time.monotonic() - started, 3))
+
+    def set_cooldown(self, key: str, event_time: float, partition: int) -> None:
+        """In memory, and durable (written and acknowledged) when a cooldown is on."""
+        if partition not in self.posted:  # revoked while its alert was being posted (keep_alive): not ours now
+            return
+        changed = self.last_alert.get(key) != event_time or self.cooldown_partition.get(key) != partition
+        self.last_alert[key], self.cooldown_partition[key] = event_time, partition
+        if changed and self.settings.alert_cooldown_s > 0:
+            self.store.save(partition, [cooldown_entry(key, event_time)])
+
+    def mark_posted(self, msg, target: str | None) -> None:
+        """Slack accepted `msg` at `target`: durable before anything else happens to it."""
+        p, offset = msg.partition(), msg.offset()
+        posted = self.posted.get(p)
+        if posted is None:
+            # Revoked during the Slack retries (keep_alive serves rebalances) and not given back: the
+            # new owner restored the marker before this post, and may post the alert again.
+            self.log.warning("partition revoked while its alert was being posted; not marked", partition=p,
+                             offset=offset)
+            return
+        if posted.offset != offset:
+            posted = self.posted[p] = Posted(offset, [])
+        posted.done.append(target)
+        self.store.save(p, [(POSTED, posted.encode())])
+
+    def fault_pause(self, msg) -> None:
+        """For tests only (fault_pause_after_post_s): wait between a post's durable marker and its commit."""
+        pause = self.settings.fault_pause_after_post_s
+        if pause <= 0:
+            return
+        self.log.warning("fault injection: paused after a post, before its commit", partition=msg.partition(),
+                         offset=msg.offset(), pause_s=pause)
+        until = time.monotonic() + pause
+        while time.monotonic() < until and not self.stopping:
+            time.sleep(0.05)
+
     def process(self, messages: list, now: float) -> Result:
         result = Result()
         for i, msg in enumerate(messages):
@@ -130,7 +221,13 @@ class Alerter(Processor):
         return result
 
     def handle(self, msg) -> Outcome:
-        """Post (or suppress, or log) one anomaly record."""
+        """Post (or suppress, or log) one anomaly record, unless it was posted before a restart."""
+        p, offset = msg.partition(), msg.offset()
+        if p not in self.posted:  # not restored by an assignment (a processor run without a consumer group)
+            self.restore([p])
+        posted = self.posted[p]
+        if offset < posted.offset:  # handled before the restart: a later record was posted after it
+            return self.already_posted(msg)
         try:
             rec = anomaly_record_adapter.validate_json(msg.value() or b"")
         except ValidationError as exc:
@@ -147,8 +244,13 @@ class Alerter(Processor):
         else:
             key, channels, (text, blocks) = rec.series, [], format_alert(rec)
             event_time = rec.timestamp.timestamp()
+        done = posted.done if offset == posted.offset else []
+        if done and all(t in done for t in self.slack.targets(channels or [])):
+            # Posted before a crash or a stop cut in before its commit; its cooldown may not have been written.
+            self.set_cooldown(key, event_time, p)
+            return self.already_posted(msg)
         last = self.last_alert.get(key)
-        if last is not None and abs(event_time - last) < self.settings.alert_cooldown_s:
+        if not done and last is not None and abs(event_time - last) < self.settings.alert_cooldown_s:
             self.suppressed[key] += 1
             self.stats["suppressed"] += 1
             return Outcome(True)
@@ -157,9 +259,12 @@ class Alerter(Processor):
             self.log.info("alert", text=text, **({"channels": channels} if channels else {}))
             self.stats["logged"] += 1
         else:
-            refused = self.deliver(text, blocks, channels)
+            refused = self.deliver(text, blocks, channels, done=list(done),
+                                   on_posted=lambda target: self.mark_posted(msg, target))
             if refused is None:
                 return Outcome(False)
+            if p in self.posted and self.posted[p].offset == offset:
+                self.fault_pause(msg)
             if refused:  # kept, with the reason, where an operator looks for what was not delivered
                 dead_letter = f"slack refused the alert for good: {'; '.join(refused)}"
                 self.log.error("alert not deliverable", reason=dead_letter, series=rec.series)
@@ -167,11 +272,19 @@ class Alerter(Processor):
                 self.log.info("alert posted", kind=rec.kind, series=rec.series, event_time=str(rec.timestamp),
                               **({"definition": rec.definition} if rec.kind == "rule" else {}))
                 self.stats["posted"] += 1
-        self.last_alert[key] = event_time
+        self.set_cooldown(key, event_time, p)
         return Outcome(True, dead_letter)
+
+    def already_posted(self, msg) -> Outcome:
+        self.log.info("already posted before a restart; skipped", partition=msg.partition(), offset=msg.offset())
+        self.stats["already_posted"] += 1
+        return Outcome(True)
 
     def progress(self) -> dict:
         return dict(self.stats) | {"suppressed_by_series": dict(self.suppressed)}
+
+    def close(self) -> None:
+        self.store.close()
 
 
 @click.command("alert", help=__doc__, context_settings=CONTEXT)

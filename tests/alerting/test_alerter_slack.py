@@ -11,6 +11,7 @@ from collections import Counter
 from datetime import datetime, timezone
 
 import pytest
+from confluent_kafka import TopicPartition
 from helpers import FakeMsg
 from slack_sdk.errors import SlackApiError
 from slack_server import VALID_TOKEN, SlackTestServer
@@ -19,6 +20,7 @@ import services.alerter.service as alerter_module
 from services.alerter.formatting import format_alert, format_rule_alert, format_window
 from services.alerter.service import Alerter
 from services.alerter.slack import SlackNotifier
+from services.alerter.state import MemoryStore
 from shared.app_logging import setup_logging
 from shared.config import Settings
 from shared.records.anomalies import anomaly_record_adapter
@@ -90,9 +92,10 @@ class LoopedAlerter:
     """The Alerter processor run by the real stream core one message at a time, as in the service,
     with a fake producer (dead letters) and consumer (commits) instead of a broker."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, store: MemoryStore | None = None):
         log = setup_logging(settings, "alerter")
-        self.processor = Alerter(settings, log)
+        self.store = store if store is not None else MemoryStore()  # the changelog, in memory
+        self.processor = Alerter(settings, log, self.store)
         self.loop = StreamLoop(settings, self.processor, settings.alerter_group, log, producer=FakeProducer())
         self.loop.consumer.close()
         self.loop.consumer = FakeConsumer()
@@ -125,9 +128,9 @@ class LoopedAlerter:
 
 @pytest.fixture
 def make_alerter():
-    def make(**overrides) -> LoopedAlerter:
+    def make(store: MemoryStore | None = None, **overrides) -> LoopedAlerter:
         return LoopedAlerter(Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", home=tempfile.mkdtemp(),
-                                      **overrides))
+                                      **overrides), store)
 
     yield make
 
@@ -273,7 +276,7 @@ def test_cooldown_suppresses_repeats_of_a_series(make_alerter, slack_server):
 def test_zero_cooldown_posts_everything(make_alerter, slack_server):
     a = make_alerter(slack_bot_token=VALID_TOKEN, slack_base_url=slack_server.base_url, alert_cooldown_s=0)
     for i in range(3):
-        assert a.handle(FakeMsg(payload(series="A", ts=T0)))
+        assert a.handle(FakeMsg(payload(series="A", ts=T0), offset=i))
     assert a.stats["posted"] == 3 and len(slack_server.messages) == 3
 
 
@@ -492,13 +495,13 @@ def test_invalid_rule_record_goes_to_dead_letter(make_alerter, drop, change, why
 def test_rule_cooldown_is_per_definition_and_group_and_spares_ml_alerts(make_alerter, slack_server):
     a = make_alerter(slack_bot_token=VALID_TOKEN, slack_base_url=slack_server.base_url, alert_cooldown_s=3600)
     s = "ec2_cpu_utilization_24ae8d"
-    assert a.handle(FakeMsg(rule_payload(series=s, start=W0)))  # posted
-    assert a.handle(FakeMsg(rule_payload(series=s, start=W0 + 900)))  # same rule and group: suppressed
-    assert a.handle(FakeMsg(rule_payload(series="other", start=W0 + 900)))  # another group: posted
-    assert a.handle(FakeMsg(rule_payload(definition="cpu-low", series=s, start=W0 + 900)))  # another rule: posted
-    assert a.handle(FakeMsg(payload(series=s, ts=W0 + 900)))  # the ML alert of the series: posted
-    assert a.handle(FakeMsg(payload(series=s, ts=W0 + 960)))  # ML cooldown of its own: suppressed
-    assert a.handle(FakeMsg(rule_payload(series=s, start=W0 + 3600)))  # 3600 s after the first window end
+    assert a.handle(FakeMsg(rule_payload(series=s, start=W0), offset=1))  # posted
+    assert a.handle(FakeMsg(rule_payload(series=s, start=W0 + 900), offset=2))  # same rule and group: suppressed
+    assert a.handle(FakeMsg(rule_payload(series="other", start=W0 + 900), offset=3))  # another group: posted
+    assert a.handle(FakeMsg(rule_payload(definition="cpu-low", series=s, start=W0 + 900), offset=4))  # another rule: posted
+    assert a.handle(FakeMsg(payload(series=s, ts=W0 + 900), offset=5))  # the ML alert of the series: posted
+    assert a.handle(FakeMsg(payload(series=s, ts=W0 + 960), offset=6))  # ML cooldown of its own: suppressed
+    assert a.handle(FakeMsg(rule_payload(series=s, start=W0 + 3600), offset=7))  # 3600 s after the first window end
     assert a.stats["posted"] == 5 and a.stats["suppressed"] == 2
     assert a.suppressed == {f"rule:cpu-high:{s}": 1, s: 1}
     assert a.last_alert == {f"rule:cpu-high:{s}": W0 + 4500, "rule:cpu-high:other": W0 + 1800,
@@ -530,3 +533,93 @@ def test_a_channel_that_does_not_exist_is_dead_lettered_not_retried_forever(make
     assert sent["topic"] == "dlq_unit" and sent["value"] == msg.value()
     assert dict(sent["headers"])["dlq.error"] == b"slack refused the alert for good: #typo: channel_not_found"
     assert a.stats["dead_lettered"] == 1 and a.stats["posted"] == 1
+
+
+# --- once-only posting: the durable marker and cooldowns (services.alerter.state), here in memory
+
+def test_a_record_read_again_after_a_restart_is_not_posted_again(make_alerter, slack_server):
+    store = MemoryStore()
+    settings = dict(slack_bot_token=VALID_TOKEN, slack_base_url=slack_server.base_url, alert_cooldown_s=0)
+    a = make_alerter(store, **settings)
+    assert a.handle(FakeMsg(payload(series="A"), partition=1, offset=7))
+    assert len(slack_server.messages) == 1
+    assert json.loads(store.partitions[1][b"posted"]) == {"offset": 7, "done": ["#alerts"]}
+    b = make_alerter(store, **settings)  # started again: the commit of offset 7 never happened
+    assert b.handle(FakeMsg(payload(series="A"), partition=1, offset=6))  # before it: handled before too
+    assert b.handle(FakeMsg(payload(series="A"), partition=1, offset=7))
+    assert b.stats["already_posted"] == 2 and b.stats["posted"] == 0 and len(slack_server.messages) == 1
+    assert b.handle(FakeMsg(payload(series="A"), partition=1, offset=8))  # the next one is posted
+    assert b.handle(FakeMsg(payload(series="A"), partition=2, offset=7))  # another partition's own marker
+    assert len(slack_server.messages) == 3
+
+
+def test_a_rule_alert_cut_off_between_channels_posts_only_the_rest_after_a_restart(make_alerter, monkeypatch):
+    store = MemoryStore()
+    with SlackTestServer() as server:
+        settings = dict(slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url)
+        a = make_alerter(store, **settings)
+        real_post = a.slack.post
+
+        def post(text, blocks, channel=None):
+            if channel == "#b":
+                raise RuntimeError("slack is down")
+            real_post(text, blocks, channel)
+
+        monkeypatch.setattr(a.slack, "post", post)
+        monkeypatch.setattr(alerter_module.time, "sleep", lambda s: setattr(a, "stopping", True))
+        msg = FakeMsg(rule_payload(channels=["#a", "#b"]), offset=3)
+        assert a.handle(msg) is False  # stopped before #b took it: not committed
+        monkeypatch.undo()
+        b = make_alerter(store, **settings)
+        assert b.handle(msg)
+    assert [m["channel"] for m in server.messages] == ["#a", "#b"]
+    assert json.loads(store.partitions[0][b"posted"]) == {"offset": 3, "done": ["#a", "#b"]}
+
+
+def test_the_cooldown_survives_a_restart_and_is_dropped_with_its_partition(make_alerter, slack_server):
+    store = MemoryStore()
+    settings = dict(slack_bot_token=VALID_TOKEN, slack_base_url=slack_server.base_url, alert_cooldown_s=300,
+                    topic_anomalies="anomalies")
+    a = make_alerter(store, **settings)
+    assert a.handle(FakeMsg(payload(series="A", ts=T0), topic="anomalies", partition=0, offset=1))
+    b = make_alerter(store, **settings)
+    b.processor.on_assign([TopicPartition("anomalies", 0), TopicPartition("anomalies", 1)])
+    assert b.last_alert == {"A": T0}
+    assert b.handle(FakeMsg(payload(series="A", ts=T0 + 60), topic="anomalies", partition=0, offset=2))
+    assert b.stats["suppressed"] == 1 and len(slack_server.messages) == 1
+    b.processor.on_revoke([TopicPartition("anomalies", 0)])
+    assert b.last_alert == {} and 0 not in b.processor.posted
+
+
+def test_a_crash_after_the_marker_and_before_the_cooldown_write_still_keeps_the_cooldown(make_alerter, slack_server):
+    store = MemoryStore()
+    settings = dict(slack_bot_token=VALID_TOKEN, slack_base_url=slack_server.base_url, alert_cooldown_s=300)
+    a = make_alerter(store, **settings)
+    assert a.handle(FakeMsg(payload(series="A", ts=T0), offset=1))
+    del store.partitions[0][b"cooldown:A"]  # as if the process died before the cooldown was written
+    b = make_alerter(store, **settings)
+    assert b.handle(FakeMsg(payload(series="A", ts=T0), offset=1))  # read again: skipped, cooldown set again
+    assert b.handle(FakeMsg(payload(series="A", ts=T0 + 60), offset=2))
+    assert b.stats["already_posted"] == 1 and b.stats["suppressed"] == 1 and len(slack_server.messages) == 1
+    assert store.partitions[0][b"cooldown:A"] == repr(T0).encode()
+
+
+def test_a_partition_revoked_while_its_alert_is_retried_is_not_marked_by_the_old_owner(make_alerter, monkeypatch):
+    store = MemoryStore()
+    with SlackTestServer() as server:
+        a = make_alerter(store, slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url, alert_cooldown_s=300,
+                         topic_anomalies="anomalies")
+        real_post, calls = a.slack.post, []
+
+        def flaky_post(text, blocks, channel=None):
+            calls.append(channel)
+            if len(calls) == 1:
+                a.processor.on_revoke([TopicPartition("anomalies", 0)])  # a rebalance served by keep_alive
+                raise RuntimeError("connection reset")
+            real_post(text, blocks, channel)
+
+        monkeypatch.setattr(a.slack, "post", flaky_post)
+        monkeypatch.setattr(alerter_module.time, "sleep", lambda s: None)
+        assert a.handle(FakeMsg(payload(series="A"), topic="anomalies", offset=4))
+    assert len(server.messages) == 1 and store.partitions[0] == {}  # the new owner's state is left alone
+    assert a.last_alert == {}
