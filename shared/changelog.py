@@ -86,10 +86,13 @@ def write(producer, name: str, partition: int, key: bytes, value: bytes | None, 
     produce(producer, name, value, key, **kwargs)
 
 
-def restore(settings: Settings, name: str, partitions: list[int], timeout: float = 120) -> dict[int, dict[bytes, bytes]]:
+def restore(settings: Settings, name: str, partitions: list[int], timeout: float = 120,
+            with_offsets: bool = False) -> dict[int, dict[bytes, bytes]]:
     """partition -> {key: last value} of changelog `name`, each of `partitions` read from its
     beginning to its end (read committed: to the last stable offset). A None or empty value deletes
-    its key. Raises TimeoutError naming the topic if some partition was not read to its end in time."""
+    its key. With `with_offsets` each value is (value, offset of its record), so that one key can
+    be read again later without reading the partition. Raises TimeoutError naming the topic if
+    some partition was not read to its end in time."""
     state: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
     if not partitions:
         return state
@@ -130,7 +133,7 @@ def restore(settings: Settings, name: str, partitions: list[int], timeout: float
                 if key is None:
                     continue
                 if value:
-                    state[p][key] = value
+                    state[p][key] = (value, msg.offset()) if with_offsets else value
                 else:
                     state[p].pop(key, None)
     finally:

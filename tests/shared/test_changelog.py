@@ -62,6 +62,8 @@ def test_round_trip_across_partitions_last_value_wins_tombstones_delete(settings
         0: {b"a": b"3", b"b": b"2"}, 1: {b"a": b"other partition"}, 2: {b"kept": b"y"}}
     assert restore(settings, name, [2]) == {2: {b"kept": b"y"}}  # only the partitions asked for
     assert restore(settings, name, []) == {}
+    # With offsets: where each key's last record is (partition 0: a=1, b=2, a=3 at offsets 0, 1, 2).
+    assert restore(settings, name, [0], with_offsets=True) == {0: {b"a": (b"3", 2), b"b": (b"2", 1)}}
 
 
 def test_restore_of_an_empty_changelog(settings):
