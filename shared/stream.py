@@ -1,10 +1,25 @@
 """The one consumer loop every service runs on: consume -> process -> produce -> acknowledged ->
 state -> commit.
 
-Guarantee (at-least-once, never a gap): an input's offset is committed only after every output
-and dead letter it caused was acknowledged by the broker (idempotent producer, acks=all) and the
-processor's state that includes it is durable (its `checkpoint`). A crash anywhere before the
-commit means the input is consumed again.
+Guarantee (settings.delivery):
+
+- exactly_once (default): the loop's producer is transactional (`transactional.id` stable per
+  service instance, `transactional_id`). The first record produced after a commit begins a
+  transaction; at the checkpoint the outputs and dead letters are acknowledged in it, the
+  processor's `checkpoint` runs (records it produces through `loop.producer` join the same
+  transaction), the committable input offsets are sent to the transaction, and it is committed.
+  A reader with isolation.level=read_committed (every consumer shared.kafka makes) sees each
+  input's outputs exactly once: a crash before the commit leaves an open transaction that the
+  restarted instance aborts at init_transactions (fencing the dead one), and the input is read
+  again. A transaction that must abort (a record refused, a delivery timeout in a broker outage)
+  is aborted and the loop rewinds: the processor drops the assigned partitions' state
+  (`on_revoke`), the consumer seeks back to the group's committed offsets and the processor loads
+  the state again (`on_assign`). A producer fenced by another with its transactional.id raises
+  shared.kafka.FencedError. Side effects outside Kafka (a Slack post) stay at-least-once.
+- at_least_once (clusters without transactions): an input's offset is committed only after every
+  output and dead letter it caused was acknowledged by the broker (idempotent producer,
+  acks=all) and the processor's state that includes it is durable (its `checkpoint`). A crash
+  anywhere before the commit means the input is consumed again: never a gap, maybe a repeat.
 
 A service is a `Processor`: it turns a batch of messages into outputs and dead letters and keeps
 whatever state it needs; this module owns the Kafka side. The hooks a processor may define:
