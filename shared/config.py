@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     instance_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128,
                              pattern=r"^[A-Za-z0-9._-]+$")
 
+    # --- Delivery guarantee (shared.stream) --------------------------------------------------
+    # exactly_once: each batch's outputs, dead letters and input offsets are committed in one
+    # Kafka transaction (read_committed readers see each output once). at_least_once: idempotent
+    # producer + offsets committed after the outputs are acknowledged; for clusters without
+    # transactions (e.g. some managed or proxied Kafka).
+    delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    # --- end of delivery settings -------------------------------------------------------------
+
     # --- Topics
     topic_input: str = "input_data"
     topic_transactions: str = "transactions"

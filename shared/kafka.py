@@ -36,6 +36,13 @@ def client_config(settings: Settings) -> dict:
     return conf
 
 
+# Every consumer reads committed records only: the stream core's exactly-once mode writes its
+# outputs in transactions, and a reader must not see those of a transaction that was aborted (or
+# is still open). Harmless where nothing is transactional. A property of its own here, so that
+# ANOMSTREAM_KAFKA_EXTRA (in client_config) still applies to everything else.
+READ_COMMITTED = {"isolation.level": "read_committed"}
+
+
 def make_producer(settings: Settings, **overrides) -> Producer:
     conf = client_config(settings) | {
         # Idempotence gives ordered, de-duplicated retries per partition: a retry after a
@@ -103,7 +110,7 @@ class GroupConsumer(Consumer):
 def make_consumer(settings: Settings, group_id: str, instance_id: str | None = None, leave_on_close: bool = True,
                   **overrides) -> GroupConsumer:
     """A consumer of `group_id`; with `instance_id` a static member of it (group_instance_id())."""
-    conf = client_config(settings) | {
+    conf = client_config(settings) | READ_COMMITTED | {
         "group.id": group_id,
         # Offsets are committed by hand, after the batch's outputs are acknowledged.
         "enable.auto.commit": False,
@@ -214,11 +221,13 @@ class DeliveryTracker:
         failed, self.failed = self.failed, []
         return failed
 
-    def flush(self, producer: Producer, log=None, timeout: float | None = None) -> None:
+    def flush(self, producer: Producer, log=None, timeout: float | None = None, resend: bool = True) -> None:
         """Wait until every record is acknowledged, however long the broker is away (or at most
         `timeout` s, then KafkaException): a record that librdkafka gave up on after its
         message.timeout.ms for a transient reason is sent again (at-least-once: it may have been
-        written). Raises UndeliveredError, naming each record, for records refused for good."""
+        written). Raises UndeliveredError, naming each record, for records refused for good, and
+        without `resend` for every record not acknowledged (in a transaction, which must then be
+        aborted: nothing may be sent again in it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             waited = 0.0
@@ -232,7 +241,7 @@ class DeliveryTracker:
             failed = self.take_failed()
             if not failed:
                 return
-            refused = [r for r in failed if r.error.code() not in RESEND_ERRORS]
+            refused = [r for r in failed if r.error.code() not in RESEND_ERRORS or not resend]
             if refused:
                 raise UndeliveredError(refused)
             if log is not None:
@@ -277,7 +286,9 @@ def send(settings: Settings, topic: str, keys: list[bytes], values: list[bytes],
 
 
 class FencedError(RuntimeError):
-    """Another consumer joined the group with this one's group.instance.id and took its place."""
+    """Another consumer joined the group with this one's group.instance.id and took its place, or
+    another producer started with this one's transactional.id (exactly-once mode): either way a
+    second copy runs under this one's identity, and this one must stop."""
 
 
 def usable(msg, log) -> bool:
@@ -321,7 +332,8 @@ TRANSIENT_PARTITION_ERRORS = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LE
 
 def end_offsets(settings: Settings, topic: str, timeout: float = 10) -> dict[int, int]:
     """partition -> high watermark (the offset the next message will get)."""
-    consumer = Consumer(client_config(settings) | {"group.id": "anomstream-offsets", "enable.auto.commit": False})
+    consumer = Consumer(client_config(settings) | READ_COMMITTED | {"group.id": "anomstream-offsets",
+                                                                   "enable.auto.commit": False})
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -341,7 +353,7 @@ def end_offsets(settings: Settings, topic: str, timeout: float = 10) -> dict[int
 
 def committed_offsets(settings: Settings, group: str, topic: str, partitions, timeout: float = 10) -> dict[int, int]:
     """partition -> the offset `group` has committed (0 when it has committed nothing)."""
-    consumer = Consumer(client_config(settings) | {"group.id": group, "enable.auto.commit": False})
+    consumer = Consumer(client_config(settings) | READ_COMMITTED | {"group.id": group, "enable.auto.commit": False})
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -359,7 +371,7 @@ def committed_offsets(settings: Settings, group: str, topic: str, partitions, ti
 
 def commit_group_offsets(settings: Settings, group: str, topic: str, offsets: dict[int, int]) -> None:
     """Set where `group` starts reading `topic` (partition -> offset), before any member joins."""
-    consumer = Consumer(client_config(settings) | {"group.id": group, "enable.auto.commit": False})
+    consumer = Consumer(client_config(settings) | READ_COMMITTED | {"group.id": group, "enable.auto.commit": False})
     try:
         consumer.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False)
     finally:
@@ -370,7 +382,8 @@ def read_topic(settings: Settings, topic: str, start: dict[int, int] | None = No
                timeout: float = 60, idle: float | None = None) -> list:
     """Messages of `topic` from `start` offsets (default: the beginning), without a consumer group:
     stops at `count` messages, after `idle` seconds with nothing new, or at `timeout`."""
-    consumer = Consumer(client_config(settings) | {"group.id": "anomstream-reader", "enable.auto.commit": False})
+    consumer = Consumer(client_config(settings) | READ_COMMITTED | {"group.id": "anomstream-reader",
+                                                                   "enable.auto.commit": False})
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, (start or {}).get(p, OFFSET_BEGINNING)) for p in parts])
     out = []

@@ -131,6 +131,9 @@ class LocalBroker:
             "offsets.topic.replication.factor": "1",
             "transaction.state.log.replication.factor": "1",
             "transaction.state.log.min.isr": "1",
+            # Few transaction coordinator partitions (default 50): the first init_transactions on a
+            # new broker waits for the __transaction_state topic to be created and loaded.
+            "transaction.state.log.num.partitions": "4",
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",

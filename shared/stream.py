@@ -1,10 +1,25 @@
 """The one consumer loop every service runs on: consume -> process -> produce -> acknowledged ->
 state -> commit.
 
-Guarantee (at-least-once, never a gap): an input's offset is committed only after every output
-and dead letter it caused was acknowledged by the broker (idempotent producer, acks=all) and the
-processor's state that includes it is durable (its `checkpoint`). A crash anywhere before the
-commit means the input is consumed again.
+Guarantee (settings.delivery):
+
+- exactly_once (default): the loop's producer is transactional (`transactional.id` stable per
+  service instance, `transactional_id`). The first record produced after a commit begins a
+  transaction; at the checkpoint the outputs and dead letters are acknowledged in it, the
+  processor's `checkpoint` runs (records it produces through `loop.producer` join the same
+  transaction), the committable input offsets are sent to the transaction, and it is committed.
+  A reader with isolation.level=read_committed (every consumer shared.kafka makes) sees each
+  input's outputs exactly once: a crash before the commit leaves an open transaction that the
+  restarted instance aborts at init_transactions (fencing the dead one), and the input is read
+  again. A transaction that must abort (a record refused, a delivery timeout in a broker outage)
+  is aborted and the loop rewinds: the processor drops the assigned partitions' state
+  (`on_revoke`), the consumer seeks back to the group's committed offsets and the processor loads
+  the state again (`on_assign`). A producer fenced by another with its transactional.id raises
+  shared.kafka.FencedError. Side effects outside Kafka (a Slack post) stay at-least-once.
+- at_least_once (clusters without transactions): an input's offset is committed only after every
+  output and dead letter it caused was acknowledged by the broker (idempotent producer,
+  acks=all) and the processor's state that includes it is durable (its `checkpoint`). A crash
+  anywhere before the commit means the input is consumed again: never a gap, maybe a repeat.
 
 A service is a `Processor`: it turns a batch of messages into outputs and dead letters and keeps
 whatever state it needs; this module owns the Kafka side. The hooks a processor may define:
@@ -28,14 +43,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from shared.config import Settings
 from shared.kafka import (
     COORDINATOR_ERRORS,
     REBALANCE_COMMIT_ERRORS,
+    RESEND_ERRORS,
     DeliveryTracker,
+    FencedError,
+    UndeliveredError,
     ensure_topics,
+    group_instance_id,
     make_consumer,
     make_producer,
     produce,
@@ -54,6 +73,111 @@ PROGRESS_EVERY_S = 10.0
 TRANSIENT_COMMIT_ERRORS = COORDINATOR_ERRORS | {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._WAIT_COORD,
                                                 KafkaError._ALL_BROKERS_DOWN, KafkaError.REQUEST_TIMED_OUT}
 DEAD_LETTER_OVERHEAD = 4096  # headers and record framing beside a dead letter's key and value
+
+# Exactly-once mode. Each transactional call waits at most TXN_CALL_TIMEOUT_S; a retriable error
+# (the broker or the transaction coordinator away) is retried for TXN_RETRY_FOR_S, then raised.
+TXN_CALL_TIMEOUT_S = 10.0
+TXN_RETRY_FOR_S = 600.0
+# A transaction aborted this many times in a row because the broker refused an output for good
+# (not a timeout): the batch would be refused forever, so the loop stops as the at-least-once
+# mode does at once (UndeliveredError).
+MAX_REFUSED_ABORTS = 3
+FENCED_ERRORS = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+# Not a refusal of the record itself: a timeout, or the sequence gap an earlier refused record left
+# (the transaction after one refused record fails with it once; its abort bumps the epoch).
+NOT_REFUSED_ERRORS = RESEND_ERRORS | {KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER}
+
+
+def refused_for_good(records) -> bool:
+    return any(r.error.code() not in NOT_REFUSED_ERRORS for r in records)
+
+
+def transactional_id(settings: Settings, group: str, processor_name: str, instance_id: str | None = None) -> str:
+    """The loop's transactional.id: stable for this instance of the service, so that a worker
+    started again in its place fences the dead one's producer and aborts its open transaction
+    (init_transactions); unique per instance as the static group.instance.id is. From the group and
+    the loop's group.instance.id, else the group, the processor's name and settings.instance_id."""
+    base = instance_id or group_instance_id(settings, group, processor_name)
+    return base if base.startswith(f"{group}-") else f"{group}-{base}"
+
+
+def _raise_if_fatal(error: KafkaError, transactional_id: str) -> None:
+    if not error.fatal():
+        return
+    if error.code() in FENCED_ERRORS:
+        raise FencedError(
+            f"producer fenced: another producer started with this one's transactional.id {transactional_id!r} "
+            f"(two copies with the same ANOMSTREAM_INSTANCE_ID, or this one stalled and was replaced): "
+            f"{error.str()}")
+    raise KafkaException(error)
+
+
+class TransactionalProducer:
+    """The loop's producer in exactly-once mode. The first produce() after a commit or abort begins
+    the next transaction, so everything produced through it (the loop's outputs and dead letters, a
+    processor's own records: a rules action's output, a changelog written at `checkpoint`) is in
+    the transaction the input offsets are committed in. Everything else is the wrapped Producer's."""
+
+    def __init__(self, producer, transactional_id: str, log):
+        self.producer = producer
+        self.transactional_id = transactional_id
+        self.log = log
+        self.initialized = False
+        self.in_transaction = False
+        # A produce() refused because the transaction is already in an abortable state (an output
+        # the broker refused earlier): the whole transaction is aborted at the checkpoint.
+        self.abortable: KafkaException | None = None
+
+    def call(self, what: str, fn, *args) -> None:
+        """A transactional call, retried while its error is retriable (for TXN_RETRY_FOR_S); a fatal
+        error raises FencedError (or KafkaException); an abortable one is raised for the caller."""
+        deadline = time.monotonic() + TXN_RETRY_FOR_S
+        while True:
+            try:
+                fn(*args)
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                _raise_if_fatal(error, self.transactional_id)
+                if error.txn_requires_abort() or not error.retriable() or time.monotonic() > deadline:
+                    raise
+                self.log.warning(f"{what} failed for now; retrying", error=error.str())
+
+    def init(self) -> None:
+        """init_transactions: fences a previous producer with this transactional.id and aborts the
+        transaction it left open (a crashed incarnation of this worker)."""
+        if not self.initialized:
+            self.call("init_transactions", self.producer.init_transactions, TXN_CALL_TIMEOUT_S)
+            self.initialized = True
+
+    def begin(self) -> None:
+        self.init()
+        try:
+            self.producer.begin_transaction()
+        except KafkaException as exc:
+            _raise_if_fatal(exc.args[0], self.transactional_id)
+            raise
+        self.in_transaction = True
+
+    def produce(self, *args, **kwargs) -> None:
+        if not self.in_transaction:
+            self.begin()
+        if self.abortable is not None:
+            return  # the transaction is aborted anyway; its inputs are read again
+        try:
+            self.producer.produce(*args, **kwargs)
+        except KafkaException as exc:
+            error = exc.args[0]
+            _raise_if_fatal(error, self.transactional_id)
+            if not (error.txn_requires_abort() or error.code() == KafkaError._STATE):
+                raise
+            self.abortable = exc
+
+    def __len__(self) -> int:
+        return len(self.producer)
+
+    def __getattr__(self, name):
+        return getattr(self.producer, name)
 
 
 @dataclass
@@ -129,11 +253,23 @@ class StreamLoop:
         self.log = log
         # A static member (shared.kafka.group_instance_id): a restart takes its partitions back at once.
         self.consumer = make_consumer(settings, group, instance_id)
-        self.producer = producer if producer is not None else make_producer(settings)
+        # exactly_once: a transactional producer; outputs, dead letters and the input offsets of a
+        # batch are committed together (commit_transaction), the consumer commits nothing itself.
+        self.exactly_once = settings.delivery == "exactly_once"
+        if self.exactly_once:
+            txn_id = transactional_id(settings, group, processor.name, instance_id)
+            if producer is None:
+                producer = make_producer(settings, **{"transactional.id": txn_id})
+            self.producer = TransactionalProducer(producer, txn_id, log)
+        else:
+            self.producer = producer if producer is not None else make_producer(settings)
         self.tracker = DeliveryTracker()
         self.stats: Counter = Counter()
         self.read_to: dict[tuple[str, int], int] = {}  # next offset to read, per partition read so far
         self.committed: dict[tuple[str, int], int] = {}
+        self.first_read: dict[tuple[str, int], int] = {}  # first offset read since assigned (rewind target)
+        self.revoking: set[tuple[str, int]] = set()  # partitions being revoked: not rewound
+        self.refused_aborts = 0  # transactions aborted in a row for an output refused for good
         self.subscribed: list[str] | None = None
         self.dirty = False  # outputs or state not yet checkpointed
         self.failed = False  # an output was not acknowledged: nothing more may be committed
@@ -187,6 +323,7 @@ class StreamLoop:
         for m in handled:
             tp = (m.topic(), m.partition())
             self.read_to[tp] = max(self.read_to.get(tp, 0), m.offset() + 1)
+            self.first_read.setdefault(tp, m.offset())
         self.stats["consumed"] += len(handled)
         self.stats["produced"] += len(result.outputs)
         if handled or result.outputs or result.dead_letters or result.state_changed:
@@ -243,6 +380,9 @@ class StreamLoop:
         """Outputs acknowledged -> processor state durable -> offsets committed."""
         if self.failed:
             return
+        if self.exactly_once:
+            self.checkpoint_transaction()
+            return
         try:
             self.tracker.flush(self.producer, self.log)  # raises if an output was refused for good
         except Exception:
@@ -255,6 +395,9 @@ class StreamLoop:
         self.commit()
 
     def commit(self) -> None:
+        if self.exactly_once:
+            self.commit_transaction()
+            return
         allowed = self.processor.committable(self.read_to)
         offsets = [TopicPartition(t, p, o) for (t, p), o in allowed.items() if o > self.committed.get((t, p), -1)]
         if not offsets:
@@ -280,6 +423,119 @@ class StreamLoop:
         self.guard.committed({(tp.topic, tp.partition): tp.offset for tp in offsets})
         self.stats["commits"] += 1
 
+    # -- exactly-once: one transaction per checkpoint ---------------------------------------------
+    def checkpoint_transaction(self) -> None:
+        """Outputs and dead letters acknowledged in the open transaction -> processor state durable
+        (records it produces now join the transaction) -> the input offsets sent to the transaction
+        -> commit_transaction. A transaction that cannot commit is aborted and its inputs read
+        again (rewind)."""
+        try:
+            self.tracker.flush(self.producer, self.log, resend=False)
+        except UndeliveredError as exc:
+            self.abort(exc, refused_for_good(exc.records))
+            return
+        if self.producer.abortable is not None:
+            self.abort(self.producer.abortable)
+            return
+        self.processor.checkpoint()
+        self.dirty, self.last_checkpoint = False, time.monotonic()
+        self.commit_transaction()
+
+    def commit_transaction(self) -> None:
+        allowed = self.processor.committable(self.read_to)
+        offsets = [TopicPartition(t, p, o) for (t, p), o in allowed.items() if o > self.committed.get((t, p), -1)]
+        if not offsets and not self.producer.in_transaction:
+            return
+        if self.producer.abortable is not None:
+            self.abort(self.producer.abortable)
+            return
+        try:
+            if not self.producer.in_transaction:
+                self.producer.begin()
+            if offsets:
+                self.producer.call("send_offsets_to_transaction", self.producer.send_offsets_to_transaction,
+                                   offsets, self.consumer.consumer_group_metadata(), TXN_CALL_TIMEOUT_S)
+            self.producer.call("commit_transaction", self.producer.commit_transaction, TXN_CALL_TIMEOUT_S)
+        except FencedError:
+            self.failed = True  # nothing more may be committed, not even by the revoke at close
+            raise
+        except KafkaException as exc:
+            if not exc.args[0].txn_requires_abort():
+                raise
+            self.abort(exc, refused_for_good(self.tracker.failed))
+            return
+        self.producer.in_transaction = False
+        self.tracker.take_failed()
+        self.refused_aborts = 0
+        self.stats["transactions"] += 1
+        if not offsets:
+            return
+        for tp in offsets:
+            self.committed[(tp.topic, tp.partition)] = tp.offset
+        self.guard.committed({(tp.topic, tp.partition): tp.offset for tp in offsets})
+        self.stats["commits"] += 1
+
+    def abort(self, reason: Exception, refused: bool = False) -> None:
+        """Abort the open transaction (none of its records is ever visible to a read_committed
+        reader) and rewind to the last committed offsets, so its inputs are processed again."""
+        self.log.warning("transaction aborted; its inputs are read again from the last commit", reason=str(reason))
+        try:
+            self.producer.call("abort_transaction", self.producer.abort_transaction, TXN_CALL_TIMEOUT_S)
+        except FencedError:
+            self.failed = True
+            raise
+        self.producer.in_transaction, self.producer.abortable = False, None
+        self.tracker.take_failed()
+        self.dirty = False
+        self.stats["transactions_aborted"] += 1
+        self.refused_aborts = self.refused_aborts + 1 if refused else 0
+        if self.refused_aborts >= MAX_REFUSED_ABORTS:
+            # Refused again and again (too large for the topic, not authorized): stop, as the
+            # at-least-once mode does at the first refusal; the inputs are read again after a restart.
+            self.failed = True
+            raise reason if isinstance(reason, KafkaException) else KafkaException(KafkaError._FAIL, str(reason))
+        self.rewind()
+
+    def rewind(self) -> None:
+        """After an abort: the processor drops the assigned partitions' state (on_revoke), the
+        consumer goes back to the offsets the group committed (asked of the broker), and the
+        processor loads their state again (on_assign), as after a rebalance. Partitions being
+        revoked are left to their next owner."""
+        partitions = [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in self.revoking]
+        if not partitions:
+            return
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        read = {k: self.first_read[k] for k in keys if k in self.first_read}
+        self.processor.on_revoke(partitions)
+        for k in keys:
+            self.read_to.pop(k, None)
+            self.committed.pop(k, None)
+            self.first_read.pop(k, None)
+        committed = self.broker_committed([TopicPartition(t, p) for t, p in read]) if read else []
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            offset = tp.offset if tp.offset >= 0 else read.get(key, OFFSET_BEGINNING)
+            if tp.offset >= 0:
+                self.committed[key] = tp.offset
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        self.processor.on_assign(partitions)
+        self.log.warning("rewound to the last committed offsets; the processor reloaded its state",
+                         partitions=sorted(f"{t}[{p}]@{self.committed.get((t, p), read.get((t, p)))}" for t, p in read))
+        self.stats["rewinds"] += 1
+
+    def broker_committed(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """The group's committed offsets, asked of the broker; retried while it is away."""
+        deadline = time.monotonic() + TXN_RETRY_FOR_S
+        while True:
+            try:
+                return self.consumer.committed(partitions, timeout=TXN_CALL_TIMEOUT_S)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not (error.retriable() or error.code() in TRANSIENT_COMMIT_ERRORS) or time.monotonic() > deadline:
+                    raise
+                self.log.warning("reading the committed offsets failed for now; retrying", error=error.str())
+                time.sleep(1.0)
+
     # -- group membership --------------------------------------------------------------------
     def keep_alive(self) -> None:
         """For a processor that waits long inside `process` (the alerter while Slack is down):
@@ -302,10 +558,17 @@ class StreamLoop:
         self.processor.on_assign(partitions)
 
     def _on_revoke(self, _consumer, partitions) -> None:
-        self.finish()  # what was read so far is made durable while the partitions are still ours
+        # What was read so far is made durable (exactly_once: the open transaction committed) while
+        # the partitions are still ours.
+        self.revoking = {(tp.topic, tp.partition) for tp in partitions}
+        try:
+            self.finish()
+        finally:
+            self.revoking = set()
         for tp in partitions:
             self.read_to.pop((tp.topic, tp.partition), None)
             self.committed.pop((tp.topic, tp.partition), None)
+            self.first_read.pop((tp.topic, tp.partition), None)
         self.processor.on_revoke(partitions)
 
     def _subscribe(self) -> None:
@@ -329,6 +592,8 @@ class StreamLoop:
     def run(self) -> None:
         s = self.settings
         ensure_topics(s)
+        if self.exactly_once:
+            self.producer.init()  # fences a dead incarnation and aborts its open transaction
         batch_size = self.processor.batch_size or s.batch_size
         last_report = time.monotonic()
         try:
@@ -348,10 +613,14 @@ class StreamLoop:
                     self.log.info("progress", **self.figures())
                     last_report = time.monotonic()
             self.finish()
+        except FencedError:
+            self.failed = True  # the revoke that closing the consumer runs commits nothing
+            raise
         finally:
             try:
                 self.consumer.close()
             finally:
+                self.abandon_transaction()
                 self.processor.close()
                 self.log.info("stream loop stopped", processor=self.processor.name, **self.figures())
 
@@ -361,6 +630,17 @@ class StreamLoop:
             self.checkpoint()
         elif not self.failed:
             self.commit()
+
+    def abandon_transaction(self) -> None:
+        """On the way out after an error: abort a transaction left open (best effort; a successor
+        with this transactional.id aborts it anyway at its init_transactions)."""
+        if not (self.exactly_once and self.producer.in_transaction):
+            return
+        try:
+            self.producer.abort_transaction(TXN_CALL_TIMEOUT_S)
+            self.producer.in_transaction = False
+        except KafkaException as exc:
+            self.log.warning("could not abort the open transaction on the way out", error=str(exc))
 
     def figures(self) -> dict:
         return dict(self.stats) | self.processor.progress()

@@ -63,6 +63,21 @@ def delta(before: dict[int, int], after: dict[int, int]) -> int:
     return sum(after[p] - before.get(p, 0) for p in after)
 
 
+def detector_caught_up(settings) -> bool:
+    """The detector committed every input (metrics, transactions, broker-metric scrapes) written so
+    far: their scores are written (and, exactly-once, visible). Not the scores topic's end offset:
+    transaction markers take offsets there too."""
+    return all(committed_offsets(settings, settings.consumer_group, topic, ends) == ends
+               for topic in (settings.topic_input, settings.topic_transactions, settings.topic_kafka_metrics)
+               for ends in [end_offsets(settings, topic)])
+
+
+def records_since(settings, topic: str, start: dict[int, int]) -> list:
+    """The committed records written to `topic` from `start` on (counted, not inferred from offsets,
+    which transaction markers take too)."""
+    return read_topic(settings, topic, start, idle=3, timeout=600)
+
+
 def wait_for(condition, timeout: float, what: str, procs: dict[str, subprocess.Popen]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -174,8 +189,7 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         def scrapes() -> int:
             return delta(before[settings.topic_kafka_metrics], end_offsets(settings, settings.topic_kafka_metrics))
 
-        wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + scrapes(),
-                 timeout, f"{sent} scores", procs)
+        wait_for(lambda: detector_caught_up(settings), timeout, f"{sent} scores", procs)
         # The broker's own metrics, once the replay is scored (the model knows the scenario's traffic,
         # not the replay's): a known load with one burst and one large message, scraped every
         # second to kafka_metrics, where the Real-Time K-Means scores them.
@@ -202,8 +216,8 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
             raise RuntimeError(f"the broker-metrics scenario exited with {scenario.returncode}; see "
                                f"{log_dir / 'scenario.log'}")
         n_scrapes = scrapes()
-        wait_for(lambda: delta(scores_start, end_offsets(settings, settings.topic_scores)) >= sent + n_scrapes,
-                 timeout, f"{n_scrapes} scrapes of the broker's metrics scored", procs)
+        wait_for(lambda: detector_caught_up(settings), timeout, f"{n_scrapes} scrapes of the broker's metrics scored",
+                 procs)
         # Raw log lines for the log detector, once the rest is done: its load during the metric replay
         # would hold a rules partition back past the idle limit (making its messages late), and
         # during the scenario it would be a burst of traffic the broker-metrics model rightly flags.
@@ -234,11 +248,12 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
                              for p, o in anomalies_end.items()),
                  timeout, "the alerter to handle every anomaly", procs)
 
-        n_anomalies = delta(before[settings.topic_anomalies], anomalies_end)
+        anomalies = records_since(settings, settings.topic_anomalies, before[settings.topic_anomalies])
+        n_anomalies = len(anomalies)
         fired = Counter()
         cluster_flagged: list[float] = []
         log_flagged: dict[str, set[str]] = {"raw": set(), "labelled": set()}
-        for msg in read_topic(settings, settings.topic_anomalies, before[settings.topic_anomalies], n_anomalies):
+        for msg in anomalies:
             rec = orjson.loads(msg.value())
             if rec.get("kind") == "cluster":
                 cluster_flagged.append(datetime.fromisoformat(rec["timestamp"]).timestamp())
@@ -251,8 +266,8 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
             fired[rec["source_topic"]] += 1
             fired["isolation_forest"] += rec["if_anomaly"]
             fired["lstm_autoencoder"] += rec["lstm_anomaly"]
-        scored = delta(scores_start, end_offsets(settings, settings.topic_scores))
-        dead = delta(before[settings.topic_dead_letter], end_offsets(settings, settings.topic_dead_letter))
+        scored = len(records_since(settings, settings.topic_scores, scores_start))
+        dead = len(records_since(settings, settings.topic_dead_letter, before[settings.topic_dead_letter]))
         rule_counts = Counter()
         for name in history.definitions():
             for group, n in history.groups(name).items():

@@ -46,10 +46,29 @@ def score_record(**kw) -> ScoreRecord:
 
 
 class FakeProducer:
-    """Records produce() calls and acknowledges each at once, like a broker that always accepts."""
+    """Records produce() calls and acknowledges each at once, like a broker that always accepts;
+    transactional (the stream core's default, exactly_once): the offsets sent to a transaction
+    are committed with it, into `commits`."""
 
     def __init__(self):
         self.produced: list[dict] = []
+        self.commits: list[list] = []
+        self.sent: list = []
+
+    def init_transactions(self, timeout=None):
+        pass
+
+    def begin_transaction(self):
+        self.sent = []
+
+    def send_offsets_to_transaction(self, offsets, metadata, timeout=None):
+        self.sent = [(tp.topic, tp.partition, tp.offset) for tp in offsets]
+
+    def commit_transaction(self, timeout=None):
+        self.commits.append(self.sent)
+
+    def abort_transaction(self, timeout=None):
+        pass
 
     def produce(self, topic, value=None, key=None, on_delivery=None, headers=None):
         self.produced.append({"topic": topic, "value": value, "key": key, "headers": headers})
@@ -78,6 +97,9 @@ class FakeConsumer:
     def commit(self, offsets=None, asynchronous=True):
         self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
 
+    def consumer_group_metadata(self):
+        return None
+
     def assignment(self):
         return []
 
@@ -103,7 +125,8 @@ class LoopedAlerter:
     def handle(self, msg) -> bool:
         """True when the message is done with: its offset was committed."""
         self.loop.handle([msg], 0.0)
-        committed = [c for batch in self.loop.consumer.commits for c in batch]
+        batches = self.loop.consumer.commits + self.producer.commits  # at_least_once, exactly_once
+        committed = [c for batch in batches for c in batch]
         return (msg.topic(), msg.partition(), msg.offset() + 1) in committed
 
     @property
@@ -112,7 +135,7 @@ class LoopedAlerter:
 
     @property
     def producer(self) -> FakeProducer:
-        return self.loop.producer
+        return getattr(self.loop.producer, "producer", self.loop.producer)  # inside a TransactionalProducer
 
     @property
     def stopping(self) -> bool:
