@@ -118,8 +118,9 @@ class TransactionalProducer:
     processor's own records: a rules action's output, a changelog written at `checkpoint`) is in
     the transaction the input offsets are committed in. Everything else is the wrapped Producer's."""
 
-    def __init__(self, producer, transactional_id: str, log):
+    def __init__(self, producer, transactional_id: str, log, factory=None):
         self.producer = producer
+        self.factory = factory  # makes a new producer with this transactional.id (None: cannot)
         self.transactional_id = transactional_id
         self.log = log
         self.initialized = False
@@ -149,6 +150,16 @@ class TransactionalProducer:
         if not self.initialized:
             self.call("init_transactions", self.producer.init_transactions, TXN_CALL_TIMEOUT_S)
             self.initialized = True
+
+    def renew(self) -> bool:
+        """After a fatal error that is not fencing (e.g. the broker's INVALID_TXN_STATE after
+        delivery timeouts in an outage): a new producer with the same transactional.id, whose
+        init_transactions fences the old one and aborts its transaction."""
+        if self.factory is None:
+            return False
+        self.producer, self.initialized, self.in_transaction, self.abortable = self.factory(), False, False, None
+        self.init()
+        return True
 
     def begin(self) -> None:
         self.init()
@@ -258,9 +269,10 @@ class StreamLoop:
         self.exactly_once = settings.delivery == "exactly_once"
         if self.exactly_once:
             txn_id = transactional_id(settings, group, processor.name, instance_id)
+            factory = (lambda: make_producer(settings, **{"transactional.id": txn_id})) if producer is None else None
             if producer is None:
-                producer = make_producer(settings, **{"transactional.id": txn_id})
-            self.producer = TransactionalProducer(producer, txn_id, log)
+                producer = factory()
+            self.producer = TransactionalProducer(producer, txn_id, log, factory)
         else:
             self.producer = producer if producer is not None else make_producer(settings)
         self.tracker = DeliveryTracker()
@@ -453,14 +465,22 @@ class StreamLoop:
             if not self.producer.in_transaction:
                 self.producer.begin()
             if offsets:
-                self.producer.call("send_offsets_to_transaction", self.producer.send_offsets_to_transaction,
-                                   offsets, self.consumer.consumer_group_metadata(), TXN_CALL_TIMEOUT_S)
+                # Not retried in place: after an outage the group may need this member to poll
+                # (rejoin) before it takes the offsets, and a retry that waits for that never ends.
+                # Any failure aborts the transaction; its inputs are read again.
+                try:
+                    self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(),
+                                                              TXN_CALL_TIMEOUT_S)
+                except KafkaException as exc:
+                    _raise_if_fatal(exc.args[0], self.producer.transactional_id)
+                    self.abort(exc)
+                    return
             self.producer.call("commit_transaction", self.producer.commit_transaction, TXN_CALL_TIMEOUT_S)
         except FencedError:
             self.failed = True  # nothing more may be committed, not even by the revoke at close
             raise
         except KafkaException as exc:
-            if not exc.args[0].txn_requires_abort():
+            if not (exc.args[0].txn_requires_abort() or exc.args[0].fatal()):
                 raise
             self.abort(exc, refused_for_good(self.tracker.failed))
             return
@@ -480,12 +500,24 @@ class StreamLoop:
         reader) and rewind to the last committed offsets, so its inputs are processed again."""
         self.log.warning("transaction aborted; its inputs are read again from the last commit", reason=str(reason))
         try:
+            fatal = isinstance(reason, KafkaException) and reason.args and isinstance(reason.args[0], KafkaError) \
+                and reason.args[0].fatal()
+            if fatal:
+                raise reason
             self.producer.call("abort_transaction", self.producer.abort_transaction, TXN_CALL_TIMEOUT_S)
         except FencedError:
             self.failed = True
             raise
+        except KafkaException as exc:
+            if not exc.args[0].fatal() or not self.producer.renew():
+                self.failed = True
+                raise
+            self.log.warning("the producer failed for good; a new one with its transactional.id aborted the "
+                             "transaction", error=str(exc))
+            self.stats["producers_renewed"] += 1
         self.producer.in_transaction, self.producer.abortable = False, None
-        self.tracker.take_failed()
+        self.producer.poll(0)  # the delivery reports of the records the abort purged ...
+        self.tracker.take_failed()  # ... are not the next transaction's failures
         self.dirty = False
         self.stats["transactions_aborted"] += 1
         self.refused_aborts = self.refused_aborts + 1 if refused else 0
