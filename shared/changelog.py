@@ -111,7 +111,18 @@ def restore(settings: Settings, name: str, partitions: list[int], timeout: float
     last_error: KafkaError | None = None
     deadline = time.monotonic() + timeout
     try:
-        consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in partitions])
+        # Empty partitions (a first deployment, a new topic) are done at once: waiting for their
+        # end-of-partition event would hold up every rebalance by a fetch round trip or more.
+        for p in list(pending):
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=5)
+            except KafkaException:
+                continue  # read it the long way
+            if high <= low:
+                pending.discard(p)
+        if not pending:
+            return state
+        consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in pending])
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"restoring changelog {name}: partitions {sorted(pending)} not read to their end "

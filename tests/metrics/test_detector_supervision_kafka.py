@@ -50,6 +50,11 @@ def test_workers_stop_commit_and_leave_the_group_when_the_supervisor_is_killed(p
     wait_until(lambda: detector.log.count("worker ready") >= 3, 120, "3 workers ready", [detector])
     wait_until(lambda: len(group_members(settings, settings.consumer_group)) == 3, 60, "3 members in the group",
                [detector])
+    # ... and each has its partitions (its series state restored): the kill hits a settled group
+    # scoring, not a member still joining (whose LeaveGroup the coordinator may not take).
+    wait_until(lambda: len({line["worker"] for line in log_lines(detector.log, "series state restored")
+                            if settings.topic_input in line["changelog"]}) == 3, 60, "3 workers assigned",
+               [detector])
     members = group_members(settings, settings.consumer_group)
     host = settings.instance_id
     assert sorted(m.group_instance_id for m in members) == [
