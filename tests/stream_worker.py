@@ -54,7 +54,9 @@ class Mapper(Processor):
 
     def checkpoint(self) -> None:
         if self.stall_after is not None and self.loop.stats["consumed"] >= self.stall_after:
-            Path(self.stalled).write_text(json.dumps(self.loop.read_to and sorted(self.loop.read_to.items())))
+            tmp = Path(self.stalled + ".tmp")  # renamed into place: the test never reads it half written
+            tmp.write_text(json.dumps(self.loop.read_to and sorted(self.loop.read_to.items())))
+            tmp.rename(self.stalled)
             while True:  # produced and acknowledged, not committed: the test kills the process here
                 time.sleep(1)
 

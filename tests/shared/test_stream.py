@@ -164,6 +164,7 @@ def closed_port() -> int:
 
 
 def make_loop(processor, journal, fail=None, refuse=None, failures=10**9, **overrides) -> StreamLoop:
+    overrides.setdefault("delivery", "exactly_once")  # the tests of the transactional path name no mode
     settings = Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", topic_dead_letter="dlq", instance_id="instance",
                         home=overrides.pop("home", None) or tempfile.mkdtemp(), **overrides)
     loop = StreamLoop(settings, processor, "g", setup_logging(settings, "test"),

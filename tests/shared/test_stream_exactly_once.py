@@ -46,7 +46,8 @@ def topics(kafka_bootstrap, tmp_path) -> dict:
     run = uuid.uuid4().hex[:8]
     t = {"in": f"eos_in_{run}", "out": f"eos_out_{run}", "group": f"eos_{run}",
          "settings": {"bootstrap_servers": kafka_bootstrap, "home": str(tmp_path / "home"),
-                      "topic_dead_letter": f"eos_dlq_{run}", "poll_timeout_s": "0.1", "instance_id": "test"}}
+                      "topic_dead_letter": f"eos_dlq_{run}", "poll_timeout_s": "0.1", "instance_id": "test",
+                      "delivery": "exactly_once"}}
     settings = as_settings(t["settings"])
     ensure_topics(settings, {t["in"]: PARTITIONS, t["out"]: PARTITIONS, settings.topic_dead_letter: 1})
     producer = make_producer(settings)
