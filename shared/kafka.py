@@ -246,7 +246,7 @@ class DeliveryTracker:
                 raise UndeliveredError(refused)
             if log is not None:
                 log.warning("sending again records the broker did not acknowledge in time", count=len(failed),
-                            error=failed[0].error.str())
+                            error=failed[0].error.str(), example=f"{failed[0].topic}[{failed[0].partition}]")
             for r in failed:
                 produce(producer, r.topic, r.value, r.key, on_delivery=self, headers=r.headers)
 
