@@ -9,7 +9,6 @@ inside score(), in row order, and return a fresh instance from for_stream().
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,24 +53,6 @@ class Detector(ABC):
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
-
-
-def write_checkpoint(path: Path, state: dict) -> None:
-    """Streaming state written atomically: a crash leaves the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path: Path) -> dict | None:
-    """A checkpoint written by write_checkpoint; None when there is none yet."""
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"checkpoint {path} is not valid JSON: {exc}") from None
 
 
 def read_json(path: Path) -> dict:

@@ -124,9 +124,9 @@ class Settings(BaseSettings):
     model_input: str = "ec2_cpu"
     model_transactions: str = "transactions"
     # The Real-Time K-Means model (`anomstream train-kmeans`) that scores topic_kafka_metrics;
-    # its streaming state (centers, counts) is checkpointed under kmeans_state_dir.
+    # its streaming state (centers, counts) is kept per input partition in the changelog topic
+    # "<state_topic_prefix>-detector-<topic_kafka_metrics>".
     model_kafka_metrics: str = "kafka_kmeans"
-    kmeans_state_dir: Path | None = None  # default: <home>/state/kmeans
     # The recorded broker-metrics scenario it is trained on (its first 40% is the history).
     # Default (None): the recording shipped as package data, models.kmeans.RECORDING.
     kmeans_training_data: Path | None = None
@@ -138,12 +138,14 @@ class Settings(BaseSettings):
     # --- Log detector service (raw lines of topic_logs -> templates -> sessions -> next-event model)
     logdetector_group: str = "anomstream-logdetector"
     model_logs: str = "hdfs_logs"  # `anomstream logs train` writes it under model_dir
-    log_state_dir: Path | None = None  # drain3 state + session checkpoint; default: <home>/state/logs
+    # drain3 state (templates); default: <home>/state/logs. The open sessions are kept per input
+    # partition in the changelog topic "<state_topic_prefix>-logdetector-<topic_logs>".
+    log_state_dir: Path | None = None
     log_session_key: str = r"blk_-?\d+"  # regex of a session key in a line (default: HDFS block id)
     log_session_timeout_s: float = Field(300.0, gt=0)  # event time without a line that ends a session
     log_terminal_events: list[str] = []  # event ids that end a session at once
     log_max_sessions: int = Field(100_000, ge=1)  # open sessions kept; beyond it the least recent go
-    log_checkpoint_interval_s: float = Field(5.0, ge=0)  # session state + offsets written this often
+    log_checkpoint_interval_s: float = Field(5.0, ge=0)  # changed sessions + offsets to the changelog this often
     log_max_line_bytes: int = Field(16 * 1024, ge=64)
 
     # --- Alerter service
@@ -188,8 +190,6 @@ class Settings(BaseSettings):
         self.home = self.home.expanduser().absolute()
         if self.model_dir is None:
             self.model_dir = self.home / "models"
-        if self.kmeans_state_dir is None:
-            self.kmeans_state_dir = self.home / "state" / "kmeans"
         if self.log_state_dir is None:
             self.log_state_dir = self.home / "state" / "logs"
         if self.rules_db_url is None:

@@ -84,7 +84,6 @@ def pipeline_settings(kafka_bootstrap, model_dir, tmp_path) -> dict:
         "topic_logs": f"logs_{run}",
         "logdetector_group": f"logdetector_{run}",
         "log_state_dir": str(tmp_path / "log_state"),
-        "kmeans_state_dir": str(tmp_path / "kmeans_state"),
         "consumer_group": f"detector_{run}",
         "alerter_group": f"alerter_{run}",
         "poll_timeout_s": "0.1",

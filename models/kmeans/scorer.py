@@ -1,9 +1,12 @@
 """The scoring path of `kafka_metrics`: BrokerMetricsRecords -> VectorBatch -> Real-Time K-Means ->
-decision, with the streaming state checkpointed so that a restart resumes instead of re-learning.
+decision, with one streaming state per input partition, so that a partition's state can be kept
+elsewhere (the detector writes it to a changelog topic) and move with the partition.
 
-Order per batch (the detector service): score -> outputs acknowledged -> checkpoint (state + the
-offsets it has absorbed) -> offset commit. After a crash, a re-read message at or below the
-checkpoint's offset already moved the state and already has its outputs: it is skipped.
+Order per batch (the detector service): score -> outputs acknowledged -> state of each partition
+(model + the last offset it absorbed, `to_dict`) made durable -> offset commit. After a crash or a
+move, `restore(partition, saved)` continues from that state, and a re-read message at or below its
+offset already moved the state and already has its outputs: it is skipped (`is_applied`).
+This module knows nothing of Kafka: the state is a dict, serialised by the caller.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from models.base import read_checkpoint, write_checkpoint
 from models.kmeans.streaming_kmeans import RealTimeKMeans
 from models.metrics.features import VectorBatch
 
@@ -28,42 +30,57 @@ class ClusterResult:
 
 
 class ClusterScorer:
-    def __init__(self, model_dir: Path, name: str, state_dir: Path):
+    def __init__(self, model_dir: Path, name: str):
         self.name = name
         self.trained_folder = Path(model_dir) / name
-        self.checkpoint_path = Path(state_dir) / name / "checkpoint.json"
-        self.detector: RealTimeKMeans
-        self.applied: dict[int, int] = {}  # partition -> last offset the state has absorbed
-        self.restore()
+        self.trained = RealTimeKMeans.load(self.trained_folder)
+        self.detectors: dict[int, RealTimeKMeans] = {}  # partition -> its streaming state
+        self.applied: dict[int, int] = {}  # partition -> last offset its state has absorbed
 
     @property
     def version(self) -> str:
-        return self.detector.version
+        return self.trained.version
 
-    def restore(self) -> str:
-        """Load the checkpoint when it continues the trained model, else start from the trained
-        model. Returns where the state came from."""
-        trained = RealTimeKMeans.load(self.trained_folder)
-        self.detector, self.applied = trained.for_stream(), {}
-        saved = read_checkpoint(self.checkpoint_path)
+    def detector(self, partition: int) -> RealTimeKMeans:
+        """The streaming state of `partition`; the trained model's when it has none yet."""
+        det = self.detectors.get(partition)
+        if det is None:
+            det = self.detectors[partition] = self.trained.for_stream()
+        return det
+
+    # -- state ---------------------------------------------------------------------------------
+    def to_dict(self, partition: int) -> dict:
+        """The state of `partition`: the model and the last offset it absorbed."""
+        return {"model": self.detector(partition).to_dict(), "offset": self.applied.get(partition, -1)}
+
+    def restore(self, partition: int, saved: dict | None, where: str = "checkpoint") -> str:
+        """Continue `partition` from `saved` (a `to_dict`) when it continues the trained model, else
+        from the trained model. Returns where the state came from."""
+        self.drop(partition)
         if saved is None:
             return "trained"
-        if saved.get("model", {}).get("version") != trained.version:
-            return "trained (checkpoint of another model version ignored)"
-        self.detector = RealTimeKMeans.from_dict(saved["model"], str(self.checkpoint_path))
-        self.applied = {int(p): int(o) for p, o in saved["offsets"].items()}
+        if saved.get("model", {}).get("version") != self.version:
+            return "trained (state of another model version ignored)"
+        self.detectors[partition] = RealTimeKMeans.from_dict(saved["model"], where)
+        if int(saved.get("offset", -1)) >= 0:
+            self.applied[partition] = int(saved["offset"])
         return "checkpoint"
 
+    def drop(self, partition: int) -> None:
+        self.detectors.pop(partition, None)
+        self.applied.pop(partition, None)
+
+    # -- scoring -------------------------------------------------------------------------------
     def is_applied(self, partition: int, offset: int) -> bool:
         return offset <= self.applied.get(partition, -1)
 
-    def score(self, records) -> ClusterResult:
+    def score(self, records, partition: int = 0, offsets: list[int] | None = None) -> ClusterResult:
+        """Score records of one partition, in order, with (and into) its state; `offsets`: theirs,
+        so that the state remembers the last one it absorbed."""
+        det = self.detector(partition)
         batch = VectorBatch.from_records(records)
-        nearest, deviations = self.detector.explain(batch)  # with the state that scores the batch's first rows
-        scores = self.detector.score(batch)
-        return ClusterResult(scores, self.detector.decide(scores), nearest, deviations, self.detector.threshold)
-
-    def checkpoint(self, offsets: dict[int, int]) -> None:
-        """Write state and absorbed offsets atomically (a crash leaves the old file or the new)."""
-        self.applied.update(offsets)
-        write_checkpoint(self.checkpoint_path, {"model": self.detector.to_dict(), "offsets": self.applied})
+        nearest, deviations = det.explain(batch)  # with the state that scores the batch's first rows
+        scores = det.score(batch)
+        if offsets:
+            self.applied[partition] = max(self.applied.get(partition, -1), max(offsets))
+        return ClusterResult(scores, det.decide(scores), nearest, deviations, det.threshold)

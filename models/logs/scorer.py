@@ -6,11 +6,16 @@ never seen in training), or when it ends (inactivity timeout in event time, or a
 where the model did not expect an end. Only the last h events of each open session are kept, at
 most `max_sessions` sessions; the idle ones are closed as the batch's event time passes them.
 
-The open sessions live in memory, so the log detector writes them with the offsets they have
-absorbed to a checkpoint (atomically), and commits offsets only up to a checkpoint. After a crash
-it restores the checkpoint and re-reads from there: a message the checkpoint already holds is
-skipped, so no event enters a session twice. The drain3 state is its own file, saved on every new
-template, so event ids stay the same across restarts.
+The open sessions live in memory, each belonging to the input partition of its latest line (a
+session's lines are expected in one partition: producers key them by session). Their state is
+handed out per partition (`take_changes`: each changed session's state, None for one that ended,
+and the partition's meta: model version, the last offset absorbed, event time) for the log detector
+to make durable (a changelog topic) before it commits those offsets, and taken back per partition
+(`restore_partition`) when the partition is assigned, wherever it ran before; `drop_partition`
+forgets a revoked one. A message at or below the restored offset is already in its sessions and is
+skipped (`is_applied`), so no event enters a session twice. This module knows nothing of Kafka.
+The drain3 state is its own file under `state_dir`, saved on every new template, so event ids stay
+the same across restarts.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.base import ArtifactError, read_checkpoint, read_json, write_checkpoint
+from models.base import ArtifactError, read_json
 from models.logs.next_event import UNKNOWN_RANK, NextEventDetector
 from models.logs.sessions import END, PAD, SessionTracker
 from models.logs.templates import LogLine as HdfsLine
@@ -82,11 +87,11 @@ class LogStreamScorer:
         self.applied: dict[int, int] = {}  # partition -> last offset the sessions have absorbed
         self.latest = float("-inf")  # the latest event time of a line
         self.idle_s = 0.0  # wall time the input has been quiet since that line
+        self.partition_of: dict[str, int] = {}  # open session -> the input partition of its latest line
+        self.touched: set[str] = set()  # sessions that took an event since the last take_changes
+        self.changed_parts: set[int] = set()  # partitions whose meta moved since then
+        self.stored: dict[int, set[str]] = {}  # partition -> sessions whose state was handed out (or restored)
         self.stats = {"lines": 0, "lines_without_session": 0, "windows": 0, "anomalous_sessions": 0}
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.state_dir / "checkpoint.json"
 
     @property
     def k(self) -> int:
@@ -130,7 +135,10 @@ class LogStreamScorer:
                 self.stats["lines_without_session"] += 1  # parsed (its template is learned), not scored
             for key in keys:
                 pending.extend((w, line, template) for w in self.tracker.add(key, event, ts))
+                self.partition_of[key] = line.partition
+            self.touched.update(keys)
             self.applied[line.partition] = max(self.applied.get(line.partition, -1), line.offset)
+            self.changed_parts.add(line.partition)
         return self._decide(pending)
 
     @property
@@ -144,6 +152,7 @@ class LogStreamScorer:
         if self.latest == float("-inf") or seconds <= 0:
             return []
         self.idle_s += seconds
+        self.changed_parts.update(self.applied)  # the event time each partition's meta holds moved
         return self._decide([])
 
     def _decide(self, pending: list) -> list[LogFinding]:
@@ -178,25 +187,60 @@ class LogStreamScorer:
                           line=line.content[:1000] if line else "", partition=line.partition if line else None,
                           offset=line.offset if line else None)
 
-    # -- checkpoint ----------------------------------------------------------------------------
-    def checkpoint(self) -> None:
-        """Sessions, event time and absorbed offsets, written atomically (old file or new, never half)."""
-        write_checkpoint(self.checkpoint_path, {"version": self.version, "offsets": self.applied, "latest": self.latest,
-                                                "idle_s": self.idle_s, "sessions": self.tracker.to_dict()})
+    # -- state, per input partition ---------------------------------------------------------
+    def meta(self, partition: int) -> dict:
+        """What a partition's state holds besides its sessions."""
+        return {"version": self.version, "offset": self.applied.get(partition, -1), "latest": self.latest,
+                "idle_s": self.idle_s}
 
-    def restore(self) -> str:
-        """Continue from the checkpoint of this model version, else start empty; says which."""
-        self.tracker, self.applied = SessionTracker(**self.tracker_args), {}
-        self.latest, self.idle_s = float("-inf"), 0.0
-        saved = read_checkpoint(self.checkpoint_path)
-        if saved is None:
+    def take_changes(self) -> dict[int, tuple[dict, dict[str, dict | None]]]:
+        """Per input partition whose state changed since the last call: (its meta, {session key:
+        the session's state, or None for a session that ended, was evicted or moved to another
+        partition}). Make it durable (meta after the sessions) before committing the offsets."""
+        open_keys = set(self.tracker.keys())
+        self.partition_of = {k: p for k, p in self.partition_of.items() if k in open_keys}
+        sessions: dict[int, dict[str, dict | None]] = {}
+        for key in self.touched:
+            p = self.partition_of.get(key)
+            if p is not None:
+                sessions.setdefault(p, {})[key] = self.tracker.session_dict(key)
+                self.stored.setdefault(p, set()).add(key)
+        for p, keys in self.stored.items():
+            gone = [k for k in keys if self.partition_of.get(k) != p]
+            for key in gone:
+                sessions.setdefault(p, {})[key] = None
+            keys.difference_update(gone)
+        changes = {p: (self.meta(p), sessions.get(p, {})) for p in sorted(self.changed_parts | set(sessions))}
+        self.touched, self.changed_parts = set(), set()
+        return changes
+
+    def restore_partition(self, partition: int, meta: dict | None, sessions: dict[str, dict]) -> str:
+        """Continue `partition` from its state (meta and open sessions, least recently active first)
+        when it was written by this model version, else start it empty; says which."""
+        self.drop_partition(partition)
+        if meta is None:
             return "empty"
-        if saved.get("version") != self.version:
-            return "empty (checkpoint of another model version ignored)"
-        if "latest" not in saved:
-            return "empty (checkpoint in an older format ignored)"
-        self.tracker.restore(saved["sessions"])
-        self.applied = {int(p): int(o) for p, o in saved["offsets"].items()}
-        self.latest, self.idle_s = float(saved["latest"]), float(saved["idle_s"])
+        if meta.get("version") != self.version:
+            return "empty (state of another model version ignored)"
+        for key, state in sessions.items():
+            self.tracker.load_session(key, state)
+            self.partition_of[key] = partition
+        self.stored[partition] = set(sessions)
+        if int(meta["offset"]) >= 0:
+            self.applied[partition] = int(meta["offset"])
+        if float(meta["latest"]) > self.latest:  # event time: the latest any owned partition saw
+            self.latest, self.idle_s = float(meta["latest"]), float(meta["idle_s"])
         return "checkpoint"
 
+    def drop_partition(self, partition: int) -> None:
+        """Forget a partition's sessions and offsets (revoked: its state lives in what was handed out)."""
+        keys = [k for k, p in self.partition_of.items() if p == partition]
+        for key in keys:
+            self.tracker.forget(key)
+            del self.partition_of[key]
+        self.touched.difference_update(keys)
+        self.stored.pop(partition, None)
+        self.applied.pop(partition, None)
+        self.changed_parts.discard(partition)
+        if not self.partition_of and not self.applied:  # nothing owned: no event time either
+            self.latest, self.idle_s = float("-inf"), 0.0

@@ -178,6 +178,25 @@ class SessionTracker:
         if key in self._sessions:
             self._sessions[key].flagged = True
 
+    def keys(self) -> list[str]:
+        """The open sessions' keys, least recently active first."""
+        return list(self._sessions)
+
+    def session_dict(self, key: str) -> dict:
+        """One open session's state (for a per-session checkpoint record)."""
+        s = self._sessions[key]
+        return {"recent": list(s.recent), "last_ts": s.last_ts, "events": s.events, "flagged": s.flagged}
+
+    def load_session(self, key: str, state: dict) -> None:
+        """An open session back from `session_dict`, as the most recently active one."""
+        self._sessions.pop(key, None)
+        self._sessions[key] = _Session(deque(state["recent"], maxlen=self.h), float(state["last_ts"]),
+                                       int(state["events"]), bool(state["flagged"]))
+
+    def forget(self, key: str) -> None:
+        """Drop an open session without closing it (its state lives elsewhere now)."""
+        self._sessions.pop(key, None)
+
     def to_dict(self) -> dict:
         """The open sessions, least recently active first, for a checkpoint."""
         return {"evicted": self.evicted, "closed": self.closed,

@@ -3,7 +3,7 @@
 Each worker runs the stream core (shared.stream) with a `DetectorProcessor`: validate (bad ones to
 dead_letter with the reason) -> score with the model set of the message's topic -> one ScoreRecord
 per input to `scores`, anomalies also to `anomalies`; `kafka_metrics` scrapes are scored by the
-Real-Time K-Means, whose state is checkpointed before the commit. The core commits a batch's
+Real-Time K-Means, whose per-partition state goes to its changelog before the commit. The core commits a batch's
 offsets only after the broker acknowledged all of it: a crash anywhere before the commit means the
 batch is consumed again (at-least-once, never a gap).
 """
@@ -93,6 +93,8 @@ class DetectorProcessor(Processor):
         partitions = self.settings.topic_partitions()
         for topic, changelog in self.state.items():
             changelog.ensure(partitions.get(topic, 1))
+        if self.cluster is not None:
+            self.cluster.ensure()
 
     def topics(self) -> list[str]:
         return list(self.scorers) + ([self.settings.topic_kafka_metrics] if self.cluster is not None else [])
@@ -141,12 +143,12 @@ class DetectorProcessor(Processor):
         loop = self.loop
         for changelog in self.state.values():
             changelog.write_changed(loop.producer, loop.tracker)
+        if self.cluster is not None:
+            self.cluster.checkpoint(loop.producer, loop.tracker)
         if self.settings.delivery != "exactly_once":
             loop.tracker.flush(loop.producer, loop.log)  # durable before the commit
         for changelog in self.state.values():
             changelog.maybe_evict()
-        if self.cluster is not None:
-            self.cluster.checkpoint()
 
     def on_assign(self, partitions) -> None:
         for topic, parts in by_topic(partitions).items():
@@ -159,6 +161,8 @@ class DetectorProcessor(Processor):
         for topic, parts in by_topic(partitions).items():
             if topic in self.state:
                 self.state[topic].drop(parts)
+        if self.cluster is not None:
+            self.cluster.on_revoke(partitions)
 
     def close(self) -> None:
         for changelog in self.state.values():

@@ -4,14 +4,19 @@ Runs on the stream core (shared.stream). Per batch: decode (plain text, or JSON 
 bad ones to dead_letter with the reason) -> models.logs.scorer (drain3, per-session windows, one
 network call) -> one LogSessionRecord per newly anomalous session to `anomalies` (the alerter
 posts it). Every `log_checkpoint_interval_s`, on a rebalance and at stop the core waits until the
-broker acknowledged all outputs -> checkpoints the open sessions with the offsets they absorbed ->
-commits those offsets.
+broker acknowledged all outputs -> the open sessions go to a compacted changelog topic
+(shared.changelog), those of input partition p to changelog partition p: one record per changed
+session (keyed "session:<key>", a tombstone when it ended) and then the partition's meta (key
+"meta": model version, the last offset absorbed, event time); under exactly-once in the batch's
+transaction -> the offsets are committed. When partition p is assigned its sessions are read back
+from the changelog, wherever they were written; when it is revoked they are dropped.
 When the input goes quiet, event time moves on with the wall clock, so sessions still end.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import time
 from collections import Counter
@@ -22,6 +27,7 @@ import click
 from models.base import ArtifactError
 from models.logs.scorer import LogFinding, LogLine, LogStreamScorer
 from shared.app_logging import setup_logging
+from shared.changelog import changelog_topic, ensure_changelog, restore, write
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
 from shared.kafka import group_instance_id
@@ -42,14 +48,19 @@ def session_record(f: LogFinding, scorer: LogStreamScorer, topic: str) -> LogSes
         detected_at=datetime.now(timezone.utc))
 
 
+META_KEY = b"meta"
+SESSION_PREFIX = b"session:"
+
+
 def load_scorer(settings: Settings) -> LogStreamScorer:
     return LogStreamScorer(settings.model_dir, settings.model_logs, settings.log_state_dir, settings.log_session_key,
                            settings.log_session_timeout_s, settings.log_max_sessions, settings.log_terminal_events)
 
 
 class LogDetectorProcessor(Processor):
-    """Raw lines -> the log scorer; anomalous sessions to `anomalies`. Its state (drain3, open
-    sessions and the offsets they absorbed) is checkpointed every log_checkpoint_interval_s."""
+    """Raw lines -> the log scorer; anomalous sessions to `anomalies`. Its open sessions and the
+    offsets they absorbed go to the changelog every log_checkpoint_interval_s (drain3 keeps its own
+    file)."""
 
     name = "logdetector"
     ticks_when_idle = True  # when the input goes quiet, event time follows the wall clock
@@ -61,6 +72,12 @@ class LogDetectorProcessor(Processor):
         self.checkpoint_interval_s = settings.log_checkpoint_interval_s
         self.last_input = time.monotonic()
         self.stats = Counter()
+        self.loop: StreamLoop | None = None
+        self.changelog = changelog_topic(settings, "logdetector", settings.topic_logs)
+
+    def attach(self, loop: StreamLoop) -> None:
+        self.loop = loop
+        ensure_changelog(self.settings, self.changelog, self.settings.partitions_logs)
 
     def topics(self) -> list[str]:
         return [self.settings.topic_logs]
@@ -101,11 +118,46 @@ class LogDetectorProcessor(Processor):
         self.stats["anomalous_sessions"] += len(findings)
 
     def checkpoint(self) -> None:
-        self.scorer.checkpoint()  # sessions + absorbed offsets on disk, before the commit
+        """Called after the outputs are acknowledged (at-least-once) or inside the batch's
+        transaction (exactly-once): the changed sessions, then each partition's meta, to the
+        changelog before the offsets move."""
+        loop = self.loop
+        for partition, (meta, sessions) in self.scorer.take_changes().items():
+            for key, state in sessions.items():
+                write(loop.producer, self.changelog, partition, SESSION_PREFIX + key.encode(),
+                      None if state is None else json.dumps(state).encode(), on_delivery=loop.tracker)
+                self.stats["session_states_written" if state is not None else "session_states_deleted"] += 1
+            # Last: a meta that is durable means its partition's sessions are too (one partition, in order).
+            write(loop.producer, self.changelog, partition, META_KEY, json.dumps(meta).encode(),
+                  on_delivery=loop.tracker)
+        if self.settings.delivery != "exactly_once":
+            loop.tracker.flush(loop.producer, loop.log)  # durable before the commit
         self.stats["checkpoints"] += 1
 
     def on_assign(self, partitions) -> None:
-        self.log.info("sessions restored", source=self.scorer.restore(), partitions=[p.partition for p in partitions])
+        """Each assigned partition's open sessions back from the changelog, before its first line."""
+        parts = [p.partition for p in partitions if p.topic == self.settings.topic_logs]
+        if not parts:
+            return
+        start = time.monotonic()
+        saved = restore(self.settings, self.changelog, parts, timeout=self.settings.state_restore_timeout_s,
+                        with_offsets=True)
+        for partition in parts:
+            records = saved.get(partition, {})
+            meta = records.pop(META_KEY, None)
+            # Least recently written first: the order the sessions were last active in, near enough.
+            sessions = {key[len(SESSION_PREFIX):].decode(): json.loads(value)
+                        for key, (value, _offset) in sorted(records.items(), key=lambda kv: kv[1][1])
+                        if key.startswith(SESSION_PREFIX)}
+            source = self.scorer.restore_partition(partition, None if meta is None else json.loads(meta[0]), sessions)
+            self.log.info("sessions restored", source=source, partition=partition, changelog=self.changelog,
+                          sessions=len(sessions) if source == "checkpoint" else 0,
+                          offset=self.scorer.applied.get(partition, -1), seconds=round(time.monotonic() - start, 3))
+
+    def on_revoke(self, partitions) -> None:
+        for p in partitions:
+            if p.topic == self.settings.topic_logs:
+                self.scorer.drop_partition(p.partition)
 
     def progress(self) -> dict:
         return dict(self.stats) | {"open_sessions": len(self.scorer.tracker)} | {

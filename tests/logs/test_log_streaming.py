@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from models.base import ArtifactError
 from models.logs.base import Vocabulary
 from models.logs.next_event import UNKNOWN_RANK, NextEventDetector
 from models.logs.render import HDFS_LINE_FORMATS, START, render_line, render_sessions
@@ -382,39 +381,81 @@ def test_one_finding_per_session(uninterrupted):
             assert f.key in f.line and f.offset is not None
 
 
+class Changelog:
+    """What the log detector keeps on its changelog topic, in memory: per input partition the
+    latest state of each session key (None deletes it, as a tombstone) and the meta, written in
+    that order, JSON in between."""
+
+    def __init__(self):
+        self.sessions: dict[int, dict[str, dict]] = {}
+        self.meta: dict[int, dict] = {}
+
+    def write(self, scorer: LogStreamScorer) -> None:
+        for p, (meta, sessions) in scorer.take_changes().items():
+            held = self.sessions.setdefault(p, {})
+            for key, state in json.loads(json.dumps(sessions)).items():
+                held.pop(key, None)  # a rewritten key is the newest record
+                if state is not None:
+                    held[key] = state
+            self.meta[p] = json.loads(json.dumps(meta))
+
+    def restore(self, scorer: LogStreamScorer, partition: int = 0) -> str:
+        return scorer.restore_partition(partition, self.meta.get(partition), dict(self.sessions.get(partition, {})))
+
+
 def test_checkpoint_and_restore_mid_stream(model_root, stream_lines, uninterrupted, tmp_path):
     _, whole = uninterrupted
     lines = as_lines(stream_lines)
     half = len(lines) // 2
+    changelog = Changelog()
     first = make_scorer(model_root, tmp_path)
-    assert first.restore() == "empty"
+    assert changelog.restore(first) == "empty"
     before = run(first, lines[:half], 50, end=False)
-    first.checkpoint()
-    open_sessions, watermark = first.tracker.to_dict(), first.watermark
-    assert open_sessions["sessions"]
+    changelog.write(first)
+    open_sessions, watermark = first.tracker.to_dict()["sessions"], first.watermark
+    assert open_sessions and set(changelog.sessions[0]) == {s[0] for s in open_sessions}
+    assert changelog.write(first) is None and first.take_changes() == {}  # nothing changed since
 
-    second = make_scorer(model_root, tmp_path)  # a restart: same state dir, same drain3 state file
-    assert second.restore() == "checkpoint"
-    assert second.tracker.to_dict() == open_sessions and second.watermark == watermark
+    second = make_scorer(model_root, tmp_path)  # a restart: the same drain3 state file
+    assert changelog.restore(second) == "checkpoint"
+    assert sorted(second.tracker.to_dict()["sessions"]) == sorted(open_sessions) and second.watermark == watermark
     assert (second.latest, second.idle_s) == (first.latest, first.idle_s) == (first.latest, 0.0)
     assert second.is_applied(0, 0) and second.is_applied(0, half - 1)
     assert not second.is_applied(0, half) and not second.is_applied(1, 0)
-    # Re-read from the start, as after a crash before any commit: what the checkpoint holds is skipped.
+    # Re-read from the start, as after a crash before any commit: what the state holds is skipped.
     rest = [line for line in lines if not second.is_applied(line.partition, line.offset)]
     assert len(rest) == len(lines) - half
     after = run(second, rest, 50)
     assert summary(before + after) == summary(whole)
+    # Every session ended (`run` closes them): each one written gets its tombstone.
+    changelog.write(second)
+    assert changelog.sessions[0] == {} and changelog.meta[0]["offset"] == len(lines) - 1
 
-    saved = json.loads(second.checkpoint_path.read_text())
-    saved["version"] = "logs-another-version"
-    second.checkpoint_path.write_text(json.dumps(saved))
+    # Revoked: the partition's sessions and offsets are forgotten.
+    second.drop_partition(0)
+    assert len(second.tracker) == 0 and not second.is_applied(0, 0) and second.watermark == float("-inf")
+
+    changelog.meta[0]["version"] = "logs-another-version"
     third = make_scorer(model_root, tmp_path)
-    assert third.restore() == "empty (checkpoint of another model version ignored)"
+    assert changelog.restore(third) == "empty (state of another model version ignored)"
     assert len(third.tracker) == 0 and not third.is_applied(0, 0) and third.watermark == float("-inf")
 
-    third.checkpoint_path.write_text('{"version": ')
-    with pytest.raises(ArtifactError, match="not valid JSON"):
-        third.restore()
+
+def test_sessions_belong_to_the_partition_of_their_latest_line(model_root, tmp_path):
+    scorer = make_scorer(model_root, tmp_path, timeout_s=300)
+    lines = timed_lines([("T05", "blk_1", 0), ("T05", "blk_2", 1)])
+    lines[1].partition = 1
+    scorer.score(lines)
+    changes = scorer.take_changes()
+    assert {p: set(sessions) for p, (_meta, sessions) in changes.items()} == {0: {"blk_1"}, 1: {"blk_2"}}
+    assert (changes[0][0]["offset"], changes[1][0]["offset"]) == (0, 1)
+    moved = timed_lines([("T05", "blk_1", 2)], first_offset=2)
+    moved[0].partition = 1
+    scorer.score(moved)  # blk_1's next line comes through partition 1: it moves there
+    changes = scorer.take_changes()
+    assert changes[0][1] == {"blk_1": None} and set(changes[1][1]) == {"blk_1"}
+    scorer.drop_partition(1)
+    assert len(scorer.tracker) == 0 and not scorer.is_applied(1, 0) and scorer.is_applied(0, 0)
 
 
 def test_lines_without_a_session_key_are_counted_not_windowed(model_root, tmp_path):
@@ -592,9 +633,10 @@ def test_session_events_counts_the_whole_session_past_h(model_root, accepted_nor
     prefix = events[:12]  # 12 > h events the model accepts, then one it never saw
     assert len(prefix) == 12 > h
     assert scorer.score(timed_lines([(e, block, i) for i, e in enumerate(prefix)])) == []
-    scorer.checkpoint()
+    changelog = Changelog()
+    changelog.write(scorer)
     restored = make_scorer(model_root, tmp_path)
-    assert restored.restore() == "checkpoint"
+    assert changelog.restore(restored) == "checkpoint"
     for s in (scorer, restored):
         [f] = s.score(timed_lines([("T08", block, 12)], first_offset=12))
         assert (f.key, f.event, f.rank) == (block, "T08", UNKNOWN_RANK)
@@ -638,15 +680,16 @@ def test_a_session_end_finding_has_the_sessions_last_line_time(model_root, tmp_p
 
 
 def test_checkpoint_keeps_the_latest_line_time_and_the_quiet_time(model_root, tmp_path):
+    changelog = Changelog()
     first = make_scorer(model_root, tmp_path, timeout_s=300)
     first.score(timed_lines([("T05", "blk_101", 0), ("T05", "blk_102", 50)]))
     first.idle(120)
-    first.checkpoint()
-    saved = json.loads(first.checkpoint_path.read_text())
+    changelog.write(first)
+    saved = changelog.meta[0]
     assert (saved["latest"], saved["idle_s"]) == (START_S + 50, 120) and "watermark" not in saved
 
     second = make_scorer(model_root, tmp_path, timeout_s=300)
-    assert second.restore() == "checkpoint"
+    assert changelog.restore(second) == "checkpoint"
     assert (second.latest, second.idle_s, second.watermark) == (START_S + 50, 120, START_S + 170)
     # Both go on identically: blk_101 ends once event time passes START + 300, blk_102 once it passes START + 350.
     for s in (first, second):

@@ -1,7 +1,9 @@
 """The log detector service on the real broker: raw HDFS lines in `logs`, one session with an
 event out of its order, and that session (only) reaches the Slack test server; bad messages are
 dead-lettered with the reason; a restart in the middle of the replay resumes the open sessions
-from the checkpoint (no false alert for a session cut in two, nothing scored twice)."""
+from the changelog topic (no false alert for a session cut in two, nothing scored twice), also
+when it restarts with another data directory in another consumer group (the state moved with the
+partition, not with the host)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from slack_server import VALID_TOKEN, SlackTestServer
 from models.logs.next_event import NextEventDetector
 from models.logs.render import render_sessions
 from models.logs.sessions import read_sessions_csv
+from shared.changelog import changelog_topic, restore
 from shared.kafka import (
     committed_offsets,
     end_offsets,
@@ -61,6 +64,13 @@ def committed(settings) -> int:
         return -1
 
 
+def saved_sessions(settings) -> tuple[dict, set[str]]:
+    """The log detector's changelog of input partition 0: its meta and the open sessions' keys."""
+    records = restore(settings, changelog_topic(settings, "logdetector", settings.topic_logs), [0])[0]
+    meta = json.loads(records.pop(b"meta"))
+    return meta, {k.decode().removeprefix("session:") for k in records}
+
+
 def model_templates(model_dir) -> dict:
     return json.loads((Path(model_dir) / "hdfs_logs" / "reference_templates.json").read_text())
 
@@ -73,8 +83,9 @@ def send(settings, payloads: list[bytes]) -> None:
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("elsewhere", [None, "wiped", "regroup"])
 def test_logdetector_alerts_the_out_of_order_session_and_resumes_from_checkpoint(pipeline_settings, services,
-                                                                                 model_dir):
+                                                                                 model_dir, elsewhere, tmp_path):
     model = NextEventDetector.load(Path(model_dir) / "hdfs_logs")
     frame = read_sessions_csv(HDFS_DIR / "hdfs_100k_sessions.csv")
     normal = frame[(frame["Split"] == "test") & (frame["y"] == 0)].head(150)
@@ -101,13 +112,23 @@ def test_logdetector_alerts_the_out_of_order_session_and_resumes_from_checkpoint
         first_end = half + len(BAD)
         wait_until(lambda: committed(settings) >= first_end, 120, "the first half committed", [detector])
         assert detector.stop() == 0
-        checkpoint = json.loads((Path(settings.log_state_dir) / "hdfs_logs" / "checkpoint.json").read_text())
-        assert checkpoint["offsets"] == {"0": first_end - len(BAD) - 1}  # the last good line absorbed
+        meta, open_sessions = saved_sessions(settings)
+        assert meta["offset"] == first_end - len(BAD) - 1  # the last good line absorbed
         # Every session the first half started is held (none ended: the timeout is an hour away).
         started = {b for b in blocks if any(b + " " in line or line.endswith(b) for line in lines[:half])}
-        assert {s[0] for s in checkpoint["sessions"]["sessions"]} == started
+        assert open_sessions == started
         assert 0 < len(started) < 60
 
+        if elsewhere:
+            # Another host, or the data directory wiped (no drain3 state either): the open sessions
+            # come from the changelog, so no session cut by the restart starts again half-way (and is
+            # alerted for it). "regroup": in another consumer group too, which reads `logs` from its
+            # start again, as after a crash between the state write and the commit: the lines the
+            # sessions hold are skipped, not added to them a second time.
+            overrides = overrides | {"home": str(tmp_path / "host-b"), "log_state_dir": str(tmp_path / "host-b-logs")}
+            if elsewhere == "regroup":
+                overrides["logdetector_group"] += "-moved"
+            settings = as_settings(overrides)
         detector = services("logdetector", overrides)
         send(settings, payloads[half:])
         total = len(payloads) + len(BAD)
@@ -115,6 +136,7 @@ def test_logdetector_alerts_the_out_of_order_session_and_resumes_from_checkpoint
         wait_until(lambda: len(slack.messages) >= 1, 60, "the Slack alert", [alerter])
         wait_until(lambda: "sessions restored" in detector.log and "checkpoint" in detector.log, 10,
                    "the restore log line")
+        assert f'"sessions": {len(started)}' in detector.log
 
         n_anomalies = sum(end_offsets(settings, settings.topic_anomalies).values())
         anomalies = [anomaly_record_adapter.validate_json(m.value())
@@ -134,10 +156,18 @@ def test_logdetector_alerts_the_out_of_order_session_and_resumes_from_checkpoint
         posted = slack.messages[0]
         assert blocks[injected] in posted["text"] and "Log anomaly" in posted["text"]
 
-        dead = list(read_topic(settings, settings.topic_dead_letter, {0: 0}, len(BAD)))
-        assert len(dead) == len(BAD)
-        for msg, (payload, reason) in zip(dead, BAD):
+        # Regroup: the bad messages after the last line the sessions absorbed are read and
+        # dead-lettered again by the new group (at-least-once); the restart's group had committed them.
+        copies = 2 if elsewhere == "regroup" else 1
+        dead = list(read_topic(settings, settings.topic_dead_letter, {0: 0}, copies * len(BAD), idle=2))
+        assert len(dead) == copies * len(BAD)
+        for msg, (payload, reason) in zip(dead, BAD * copies):
             headers = dict(msg.headers())
             assert msg.value() == payload
             assert reason in headers["dlq.error"].decode(), headers["dlq.error"]
             assert headers["dlq.service"] == b"logdetector"
+        assert detector.stop() == 0
+        if elsewhere == "regroup":  # the first half re-read: every line of it already in the sessions
+            assert f'"already_in_checkpoint": {half}' in detector.log
+        else:
+            assert "already_in_checkpoint" not in detector.log

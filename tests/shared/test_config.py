@@ -41,7 +41,6 @@ def test_defaults():
     home = Path.cwd() / ".anomstream"  # the fixture's tmp_path
     assert s.home == home
     assert s.model_dir == home / "models"
-    assert s.kmeans_state_dir == home / "state" / "kmeans"
     assert s.log_state_dir == home / "state" / "logs"
     assert s.rules_db_url == f"sqlite:///{home / 'state' / 'rules_history.db'}"
     assert s.kmeans_training_data is None  # the recording shipped as package data (models.kmeans.RECORDING)
@@ -189,7 +188,7 @@ def test_client_config_plaintext_has_no_sasl_keys():
 
 # --- One data directory: ANOMSTREAM_HOME
 
-DERIVED = ("model_dir", "kmeans_state_dir", "log_state_dir")
+DERIVED = ("model_dir", "log_state_dir")
 
 
 def _rules_db_path(s: Settings) -> Path:
@@ -224,7 +223,7 @@ def test_explicit_path_beats_the_home_default(monkeypatch, tmp_path):
     monkeypatch.setenv("ANOMSTREAM_MODEL_DIR", str(tmp_path / "elsewhere"))
     s = load_settings()
     assert s.model_dir == tmp_path / "elsewhere"
-    assert s.kmeans_state_dir == tmp_path / "home" / "state" / "kmeans"  # the others still follow home
+    assert s.log_state_dir == tmp_path / "home" / "state" / "logs"  # the others still follow home
     assert load_settings(model_dir=tmp_path / "kw").model_dir == tmp_path / "kw"
     monkeypatch.setenv("ANOMSTREAM_RULES_DB_URL", "postgresql+psycopg://u:p@db/h")
     assert load_settings().rules_db_url == "postgresql+psycopg://u:p@db/h"
