@@ -306,6 +306,10 @@ class StreamLoop:
     def handle(self, messages: list, now: float) -> None:
         messages = [m for m in messages if usable(m, self.log)]
         if not messages and not self.processor.ticks_when_idle:
+            # Input gone quiet: what was handled within the last checkpoint interval is made
+            # durable and committed now, not when the next message comes (which may be never).
+            if self.dirty and time.monotonic() - self.last_checkpoint >= self.processor.checkpoint_interval_s:
+                self.checkpoint()
             return
         careful, poison = self.guard.begin(messages) if messages else (False, {})
         pills = [m for m in messages if (m.topic(), m.partition(), m.offset()) in poison]

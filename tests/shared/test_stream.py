@@ -12,6 +12,7 @@ import hashlib
 import json
 import socket
 import tempfile
+import time
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -268,6 +269,22 @@ def test_checkpoint_interval_batches_the_commits_and_a_revoke_checkpoints_at_onc
     assert [e[0] for e in journal][-3:] == ["acknowledged", "checkpoint", "commit"]
     assert journal[-1] == ("commit", [("in", 0, 12)])
     assert loop.read_to == {}  # the partition is no longer ours
+
+
+@BOTH_MODES
+def test_a_quiet_input_commits_what_was_handled_once_the_interval_has_passed(delivery):
+    """The last batches before the input goes quiet are committed by the empty polls that follow,
+    not left until the next message (a detector that read its whole backlog committed all of it)."""
+    journal = Journal()
+    processor = Doubler(journal)
+    processor.checkpoint_interval_s = 0.05
+    loop = make_loop(processor, journal, delivery=delivery)
+    loop.handle(msgs(b"1"), 0.0)
+    loop.handle([], 0.0)
+    assert not [e for e in journal if e[0] == "commit"], "not before the interval"
+    time.sleep(0.06)
+    loop.handle([], 0.0)
+    assert journal[-1] == ("commit", [("in", 0, 11)])
 
 
 def test_stopping_reaches_the_processor():
