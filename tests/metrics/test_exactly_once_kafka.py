@@ -3,9 +3,8 @@
 Under read_committed, `scores` must hold exactly one record per input -- 0 lost, 0 duplicated --
 and every score must equal the score of an uninterrupted run over the same input (the per-series
 state continues exactly: no series learns again), after:
-- the whole detector (supervisor and workers) SIGKILLed twice mid-stream and restarted, at least
-  once (exactly_once after a SIGKILL still stalls on the dead incarnation's transaction: issue 14
-  open), so a repeat is allowed but must be identical;
+- the whole detector (supervisor and workers) SIGKILLed twice mid-stream and restarted (on a
+  broker of its own; a SIGKILL of the broker mid-stream is not covered yet: issue 14 is open on it);
 - a scale-out mid-stream from 1 worker to 3 (a second detector joins the group) and back.
 """
 
@@ -115,7 +114,7 @@ def test_two_kills_of_the_whole_detector_lose_and_duplicate_nothing(model_dir, t
     broker.start()
     try:
         overrides = {"bootstrap_servers": broker.bootstrap, "model_dir": str(model_dir), "workers": 3,
-                     "batch_size": 500, "poll_timeout_s": "0.1", "delivery": "at_least_once",
+                     "batch_size": 500, "poll_timeout_s": "0.1", "delivery": "exactly_once",
                      "home": str(tmp_path / "home")}
         settings = as_settings(overrides)
         ensure_topics(settings)
@@ -130,7 +129,7 @@ def test_two_kills_of_the_whole_detector_lose_and_duplicate_nothing(model_dir, t
         feeder.join(300)
         assert not feeder.is_alive()
         wait_until(lambda: all_inputs_committed(settings), 300, "every input committed", [detector])
-        check_scores(settings, expected, exactly_once=False)
+        check_scores(settings, expected)
         assert "series state restored" in detector.log
         assert detector.stop() == 0
     finally:
