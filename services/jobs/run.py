@@ -45,6 +45,7 @@ from models.metrics.model_set import ModelSet
 from models.metrics.synthetic import transactions
 from models.rules.run_history import RunHistory
 from shared.app_logging import setup_logging
+from shared.changelog import changelog_topic, restore
 from shared.cli import CONTEXT, run_command
 from shared.config import load_settings
 from shared.kafka import (
@@ -98,12 +99,14 @@ def render_labelled_log(settings, out: Path) -> dict[str, bool]:
     return dict(zip(frame["BlockId"], frame["y"].astype(bool)))
 
 
-def log_checkpoint_done(path: Path, logs_end: dict[int, int]) -> bool:
-    if not path.exists():
+def log_detector_done(settings, group: str, logs_end: dict[int, int]) -> bool:
+    """The log detector committed every line, and its changelog holds no open session (each ended
+    session is a tombstone there)."""
+    committed = committed_offsets(settings, group, settings.topic_logs, logs_end)
+    if any(committed.get(p, 0) < o for p, o in logs_end.items()):
         return False
-    saved = json.loads(path.read_text())
-    return not saved["sessions"]["sessions"] and all(
-        int(saved["offsets"].get(str(p), -1)) >= o - 1 for p, o in logs_end.items() if o > 0)
+    state = restore(settings, changelog_topic(settings, "logdetector", settings.topic_logs), list(logs_end))
+    return not any(key.startswith(b"session:") for keys in state.values() for key in keys)
 
 
 def log_summary(raw_sample: Path, labels: dict[str, bool], flagged: dict[str, set[str]], settings) -> str:
@@ -239,9 +242,9 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         for path in (raw_sample, labelled_log):
             keys, values = encode_log_lines(path, settings.log_session_key)
             log_lines += send(settings, settings.topic_logs, keys, values, log=log)
-        # The log detector is done when its checkpoint holds every line and no open session.
+        # The log detector is done when it committed every line and no session is open.
         logs_end = end_offsets(settings, settings.topic_logs)
-        wait_for(lambda: log_checkpoint_done(log_state / settings.model_logs / "checkpoint.json", logs_end),
+        wait_for(lambda: log_detector_done(settings, logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], logs_end),
                  timeout, "the log detector to read every line and end every session", procs)
         anomalies_end = end_offsets(settings, settings.topic_anomalies)
         wait_for(lambda: all(committed_offsets(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
