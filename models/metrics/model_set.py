@@ -115,20 +115,31 @@ def data_hash(frame: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+# The detectors a model set fits by default (the others in DETECTORS are evaluate candidates).
+FITTED_BY_DEFAULT = ["isolation_forest", "lstm_autoencoder", "robust_zscore"]
+
+
 def fit_model_set(name: str, frame: pd.DataFrame, epochs: int = 50, progress: bool = True,
-                  decision: list[str] | None = None, likelihood_sources: list[str] | None = None) -> ModelSet:
-    """Fit every detector on `frame` (columns series, epoch_s, value; each series in time order)."""
+                  decision: list[str] | None = None, likelihood_sources: list[str] | None = None,
+                  detectors: list[str] | None = None) -> ModelSet:
+    """Fit the detectors named in `detectors` (default FITTED_BY_DEFAULT) on `frame` (columns
+    series, epoch_s, value; each series in time order)."""
     frame = frame.sort_values(["series", "epoch_s"], kind="stable")
     scaler = Scaler().fit(raw_features(frame["epoch_s"].to_numpy(), frame["value"].to_numpy()))
     history = build_batch(scaler, SeriesWindows(), frame["series"].to_numpy(), frame["epoch_s"].to_numpy(),
                           frame["value"].to_numpy())
-    detectors: dict[str, Detector] = {
-        "isolation_forest": IsolationForestDetector().fit(history),
-        "lstm_autoencoder": LSTMAutoencoderDetector(epochs=epochs, progress=progress).fit(history),
-        "robust_zscore": RobustZScoreDetector().fit(history),
-    }
+    names = FITTED_BY_DEFAULT if detectors is None else detectors
+    unknown = set(names) - set(DETECTORS)
+    if unknown:
+        raise ValueError(f"unknown detector(s) {sorted(unknown)}; known: {sorted(DETECTORS)}")
+    fitted: dict[str, Detector] = {}
+    for det_name in names:
+        if det_name == LSTMAutoencoderDetector.name:
+            fitted[det_name] = LSTMAutoencoderDetector(epochs=epochs, progress=progress).fit(history)
+        else:
+            fitted[det_name] = DETECTORS[det_name]().fit(history)
     version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{data_hash(frame)[:8]}"
-    return ModelSet(name, version, scaler, detectors, list(likelihood_sources or LIKELIHOOD_SOURCES),
+    return ModelSet(name, version, scaler, fitted, list(likelihood_sources or LIKELIHOOD_SOURCES),
                     list(decision or DEFAULT_DECISION))
 
 

@@ -10,6 +10,7 @@ before the one they score.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from models.evaluation.categories import (
+    category_table,
+    format_category_rows,
+    format_loco,
+)
+from models.evaluation.categories import loco as loco_choice
 from models.evaluation.metrics import point_metrics
 from models.evaluation.nab import (
     PROFILES,
@@ -34,34 +41,108 @@ from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, PATH, run_command
 from shared.config import load_settings
 
-# Ensembles reported beside the single outputs: (outputs, rule).
-ENSEMBLES = {
+# Ensembles reported beside the single outputs: name -> (outputs, rule). Rules or/and/majority
+# combine the members' flags; max/mean combine their scores (likelihoods, in [0, 1]), flagged at
+# the likelihood threshold 0.5.
+ENSEMBLES: dict[str, tuple[list[str], str]] = {
     "combined": (SEED_DECISION, "or"),  # the seed's IF-or-LSTM
     "likelihood_or": (["value_likelihood", "robust_zscore_likelihood"], "or"),
     "likelihood_majority": (["value_likelihood", "robust_zscore_likelihood", "isolation_forest_likelihood",
                              "lstm_autoencoder_likelihood"], "majority"),
 }
+SCORE_RULES = {"max": np.max, "mean": np.mean}
+ENSEMBLE_THRESHOLD = 0.5
 
 
-def score_series(frame: pd.DataFrame, epochs: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], object]:
-    """(scores, flags) for every output and ensemble of a model set fitted on the probation rows."""
+def plan(outputs: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+    """What to run for the outputs asked (None: everything): (detectors to fit, likelihood
+    sources, ensembles). The "default" decision is always reported."""
     from models.metrics.model_set import (
         ALL_LIKELIHOOD_SOURCES,
         DEFAULT_DECISION,
-        fit_model_set,
+        DETECTORS,
+        FITTED_BY_DEFAULT,
     )
+
+    if outputs is None:
+        return list(FITTED_BY_DEFAULT), list(ALL_LIKELIHOOD_SOURCES), list(ENSEMBLES)
+    wanted, ensembles = [], []
+    for name in [*outputs, *DEFAULT_DECISION]:
+        if name in ENSEMBLES:
+            ensembles.append(name)
+            wanted.extend(ENSEMBLES[name][0])
+        else:
+            wanted.append(name)
+    detectors, sources = [], []
+    for name in wanted:
+        src = name[:-len("_likelihood")] if name.endswith("_likelihood") else None
+        if src is not None and (src == "value" or src in DETECTORS):
+            sources.append(src)
+            det = None if src == "value" else src
+        elif name in DETECTORS:
+            det = name
+        else:
+            known = sorted([*DETECTORS, *(f"{d}_likelihood" for d in ["value", *DETECTORS]), *ENSEMBLES])
+            raise click.UsageError(f"unknown output {name!r}; known: {', '.join(known)}")
+        if det is not None:
+            detectors.append(det)
+    unique = lambda xs: list(dict.fromkeys(xs))  # noqa: E731
+    return unique(detectors), unique(sources), unique(ensembles)
+
+
+def score_series(frame: pd.DataFrame, epochs: int, outputs: list[str] | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], object]:
+    """(scores, flags) for the outputs asked (None: every output and ensemble) of a model set
+    fitted on the probation rows."""
+    from models.metrics.model_set import DEFAULT_DECISION, fit_model_set
     from models.metrics.scorer import Scorer, combine
 
+    detectors, sources, ensembles = plan(outputs)
     probation = probation_length(len(frame))
     model_set = fit_model_set(frame["series"].iloc[0], frame.iloc[:probation], epochs, progress=False,
-                              likelihood_sources=ALL_LIKELIHOOD_SOURCES)
+                              likelihood_sources=sources, detectors=detectors)
     result = Scorer(model_set).score(frame["series"].to_numpy(), frame["epoch_s"].to_numpy(),
                                      frame["value"].to_numpy())
     scores, flags = dict(result.scores), dict(result.flags)
-    for name, (members, rule) in ENSEMBLES.items():
-        flags[name] = combine({m: flags[m] for m in members}, rule)
+    for name in ensembles:
+        members, rule = ENSEMBLES[name]
+        if rule in SCORE_RULES:
+            scores[name] = SCORE_RULES[rule](np.vstack([scores[m] for m in members]), axis=0)
+            flags[name] = scores[name] >= ENSEMBLE_THRESHOLD
+        else:
+            flags[name] = combine({m: flags[m] for m in members}, rule)
     flags["default"] = combine({m: flags[m] for m in DEFAULT_DECISION}, "or")
     return scores, flags, model_set
+
+
+def evaluate_one(args: tuple) -> tuple:
+    """One series, in a worker process: (key, frame, truth, window rows, probation, scores, flags)."""
+    key, path, windows, epochs, outputs = args
+    if outputs is None or "lstm_autoencoder" in plan(outputs)[0]:
+        from models.metrics.lstm_autoencoder import configure_tensorflow
+
+        configure_tensorflow(1)
+    frame = read_series_csv(path)
+    probation = probation_length(len(frame))
+    widx = window_indices(frame["timestamp"], windows)
+    truth = np.zeros(len(frame), bool)
+    for lo, hi in widx:
+        truth[lo:hi + 1] = True
+    scores, flags, _ = score_series(frame, epochs, outputs)
+    return key, frame, truth, widx, probation, scores, flags
+
+
+def run_all(tasks: list[tuple], jobs: int):
+    """evaluate_one over the tasks, in `jobs` processes (spawned: no TensorFlow state is forked),
+    yielding results in task order."""
+    if jobs <= 1:
+        yield from map(evaluate_one, tasks)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(evaluate_one, tasks)
 
 
 def plot_series(path: Path, key: str, frame: pd.DataFrame, windows, probation: int, flags: dict[str, np.ndarray],
@@ -104,14 +185,25 @@ def plot_series(path: Path, key: str, frame: pd.DataFrame, windows, probation: i
               help="default: <data_dir>/nab_ec2/labels/combined_labels.json")
 @click.option("--out", "out_dir", type=PATH, default=Path("evaluation_results"), show_default=True)
 @click.option("--epochs", type=int, default=50, show_default=True, help="LSTM epochs (on each probation period)")
+@click.option("--detectors", "outputs", default=None, metavar="A,B,...",
+              help="only these outputs (detectors, <source>_likelihood, ensembles), plus the default "
+                   "decision; default: the seed detectors, every likelihood of ALL_LIKELIHOOD_SOURCES and "
+                   "the ensembles")
+@click.option("--jobs", type=int, default=None, help="series scored in parallel processes [default: min(2, cpus)]")
+@click.option("--loco/--no-loco", default=True, show_default=True,
+              help="report the leave-one-category-out choice between the outputs run")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="one PNG per series")
 def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path | None, out_dir: Path,
-            epochs: int) -> int:
+            epochs: int, outputs: str | None, jobs: int | None, loco: bool, plots: bool) -> int:
     settings = load_settings()
     default_data = settings.data_dir / "nab_ec2"
     data_dir = data_dir or default_data / "data"
     windows_path = windows_path or default_data / "labels" / "combined_windows.json"
     labels_path = labels_path or default_data / "labels" / "combined_labels.json"
     log = setup_logging(settings, "evaluate")
+    asked = None if outputs is None else [o.strip() for o in outputs.split(",") if o.strip()]
+    plan(asked)  # an unknown output fails here, before any work
+    jobs = jobs or min(2, os.cpu_count() or 1)
 
     windows = load_windows(windows_path)
     labels = json.loads(labels_path.read_text()) if labels_path.exists() else {}
@@ -120,14 +212,9 @@ def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path 
         raise click.UsageError(f"no series of {windows_path} found under {data_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     pooled: dict[str, dict] = {}  # output -> {"alarms": [...], "truth": [...], "nab_flags": {...}, "nab_scores": {...}}
-    for key in tqdm(keys, desc="evaluate", unit="series"):
-        frame = read_series_csv(data_dir / key)
-        probation = probation_length(len(frame))
-        widx = window_indices(frame["timestamp"], windows[key])
-        truth = np.zeros(len(frame), bool)
-        for lo, hi in widx:
-            truth[lo:hi + 1] = True
-        scores, flags, model_set = score_series(frame, epochs)
+    tasks = [(key, data_dir / key, windows[key], epochs, asked) for key in keys]
+    for key, frame, truth, widx, probation, scores, flags in tqdm(run_all(tasks, jobs), total=len(keys),
+                                                                  desc="evaluate", unit="series"):
         scored = np.arange(len(frame)) >= probation
         for name, alarms in flags.items():
             entry = pooled.setdefault(name, {"alarms": [], "truth": [], "window": [], "flags": {}, "scores": {}})
@@ -135,25 +222,28 @@ def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path 
             entry["truth"].append(truth[scored])
             entry["window"].append(window_metrics(alarms, widx, probation))
             entry["flags"][key] = (alarms, widx)
-            if name.endswith("_likelihood"):  # in [0, 1]: NAB's threshold sweep applies
+            if name in scores and (name.endswith("_likelihood") or name in ENSEMBLES):  # in [0, 1]: NAB's sweep
                 entry["scores"][key] = (scores[name], widx)
         out = pd.DataFrame({
             "timestamp": frame["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"), "value": frame["value"],
             "label": truth, "probation": ~scored, "is_anomaly": flags["default"],
-            "if_anomaly": flags["isolation_forest"], "lstm_anomaly": flags["lstm_autoencoder"],
-            "reconstruction_error": scores["lstm_autoencoder"], "if_score": scores["isolation_forest"],
         })
+        if "isolation_forest" in flags and "lstm_autoencoder" in flags:  # the seed's columns
+            out["if_anomaly"], out["lstm_anomaly"] = flags["isolation_forest"], flags["lstm_autoencoder"]
+            out["reconstruction_error"], out["if_score"] = scores["lstm_autoencoder"], scores["isolation_forest"]
         for name in scores:
             out[f"{name}_score"] = scores[name]
         for name in flags:
             out[f"{name}_anomaly"] = flags[name]
         stem = Path(key).stem
         out.to_csv(out_dir / f"{stem}.csv", index=False)
-        plot_series(out_dir / f"{stem}.png", key, frame, widx, probation, flags,
-                    ["isolation_forest", "lstm_autoencoder", "combined", "robust_zscore_likelihood",
-                     "value_likelihood", "default"])
+        if plots:
+            shown = [n for n in ["isolation_forest", "lstm_autoencoder", "combined", "robust_zscore_likelihood",
+                                 "value_likelihood", *(asked or [])] if n in flags]
+            plot_series(out_dir / f"{stem}.png", key, frame, widx, probation, flags,
+                        [*dict.fromkeys(shown), "default"])
 
-    metrics = {}
+    metrics, categories = {}, {}
     for name, entry in pooled.items():
         tw = sum(w["tp"] for w in entry["window"])
         fw = sum(w["fp"] for w in entry["window"])
@@ -171,19 +261,32 @@ def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path 
             best = nab_scores_all_profiles(entry["scores"])
             metrics[name]["nab_optimized_threshold"] = {p: {"score": r["score"], "threshold": r["threshold"]}
                                                         for p, r in best.items()}
+        categories[name] = category_table(entry["flags"])
+        metrics[name]["categories"] = categories[name]
     summary = {
         "series": keys, "labelled_points": sum(len(labels.get(k, [])) for k in keys),
         "windows": sum(len(windows[k]) for k in keys), "epochs": epochs,
         "training": "per series, on its probationary period only (NAB's first 15%)",
         "detectors": metrics,
     }
+    # The seed's IF and LSTM flag about a tenth of all points: not candidates for a default.
+    candidates = {n: e["flags"] for n, e in pooled.items() if n != "default" and metrics[n]["nab"]["standard"] > -100}
+    if loco and candidates:
+        summary["loco"] = {p: loco_choice(candidates, p) for p in PROFILES}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    order = [name for name, _ in sorted(metrics.items(), key=lambda kv: -kv[1]["nab"]["standard"])]
     width = max(len(n) for n in metrics)
     print(f"{'detector':<{width}}  point_f1  window_f1 found/missed/false  NAB std  low_fp  low_fn")
-    for name, m in sorted(metrics.items(), key=lambda kv: -kv[1]["nab"]["standard"]):
+    for name in order:
+        m = metrics[name]
         w, nab = m["window"], m["nab"]
         print(f"{name:<{width}}  {m['f1']:8.3f}  {w['f1']:9.3f} {w['found']:5d}/{w['missed']}/{w['false_alarms']:<6d}"
               f" {nab['standard']:7.1f} {nab['reward_low_fp']:7.1f} {nab['reward_low_fn']:7.1f}")
+    print()
+    print("\n".join(format_category_rows(categories, order)))
+    if "loco" in summary:
+        print()
+        print("\n".join(format_loco(summary["loco"]["standard"])))
     log.info("evaluation written", out=str(out_dir), series=len(keys))
     return 0
 

@@ -60,3 +60,26 @@ def test_evaluate_writes_metrics_csvs_and_plots_for_any_nab_folder(tmp_path):
     assert shift["label"].sum() == 101
     first = int(np.flatnonzero(shift["is_anomaly"].to_numpy())[0])
     assert 1500 <= first <= 1510
+
+
+def test_evaluate_runs_only_the_outputs_asked_in_parallel_with_category_tables(tmp_path):
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    fmt = "%Y-%m-%d %H:%M:%S.%f"
+    windows = {}
+    for cat in ("catA", "catB"):
+        values = rng.normal(10, 0.5, 1500)
+        values[1200:] += 8
+        ts = write_series(data / cat / "shift.csv", values)
+        windows[f"{cat}/shift.csv"] = [[ts[1180].strftime(fmt), ts[1260].strftime(fmt)]]
+    (tmp_path / "windows.json").write_text(json.dumps(windows))
+    out = tmp_path / "out"
+    assert evaluate(["--data-dir", str(data), "--windows", str(tmp_path / "windows.json"), "--out", str(out),
+                     "--detectors", "value_likelihood,robust_zscore_likelihood", "--jobs", "2", "--no-plots"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["detectors"]) == {"value_likelihood", "robust_zscore", "robust_zscore_likelihood", "default"}
+    cats = metrics["detectors"]["value_likelihood"]["categories"]
+    assert set(cats) == {"catA", "catB"} and cats["catA"]["windows"] == 1
+    assert set(cats["catA"]) >= {"standard", "reward_low_fp", "reward_low_fn", "false_alarms", "found"}
+    assert set(metrics["loco"]["standard"]["folds"]) == {"catA", "catB"}
+    assert not list(out.glob("*.png"))
