@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 from models.base import ArtifactError, Detector, read_json, write_json
+from models.metrics.adaptive_resonance import AdaptiveResonanceDetector
+from models.metrics.contextual import ContextualDetector
 from models.metrics.features import (
     FEATURES,
     SEQ_LEN,
@@ -23,14 +25,24 @@ from models.metrics.features import (
     raw_features,
 )
 from models.metrics.isolation_forest import IsolationForestDetector
+from models.metrics.knn_conformal import KnnConformalDetector
 from models.metrics.lstm_autoencoder import LSTMAutoencoderDetector
 from models.metrics.robust_zscore import RobustZScoreDetector
+from models.metrics.seasonal import SeasonalResidualDetector
 
 DETECTORS: dict[str, type[Detector]] = {
     IsolationForestDetector.name: IsolationForestDetector,
     LSTMAutoencoderDetector.name: LSTMAutoencoderDetector,
     RobustZScoreDetector.name: RobustZScoreDetector,
+    # Streaming detectors from the NAB leaders' methods (issue 15); nothing fitted, state per series.
+    ContextualDetector.name: ContextualDetector,
+    KnnConformalDetector.name: KnnConformalDetector,
+    AdaptiveResonanceDetector.name: AdaptiveResonanceDetector,
+    SeasonalResidualDetector.name: SeasonalResidualDetector,
 }
+# The streaming candidates `evaluate` runs (with their likelihoods) beside the seed's detectors.
+CANDIDATE_DETECTORS = [ContextualDetector.name, KnnConformalDetector.name, AdaptiveResonanceDetector.name,
+                       SeasonalResidualDetector.name]
 # Raw scores that also go through the anomaly-likelihood stage ("value" = the metric itself);
 # each gives an output named "<source>_likelihood". Deployed sets run the two that score well
 # (see README, "Detection quality"); `evaluate` runs them all.

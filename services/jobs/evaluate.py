@@ -59,13 +59,15 @@ def plan(outputs: list[str] | None) -> tuple[list[str], list[str], list[str]]:
     sources, ensembles). The "default" decision is always reported."""
     from models.metrics.model_set import (
         ALL_LIKELIHOOD_SOURCES,
+        CANDIDATE_DETECTORS,
         DEFAULT_DECISION,
         DETECTORS,
         FITTED_BY_DEFAULT,
     )
 
     if outputs is None:
-        return list(FITTED_BY_DEFAULT), list(ALL_LIKELIHOOD_SOURCES), list(ENSEMBLES)
+        return ([*FITTED_BY_DEFAULT, *CANDIDATE_DETECTORS], [*ALL_LIKELIHOOD_SOURCES, *CANDIDATE_DETECTORS],
+                list(ENSEMBLES))
     wanted, ensembles = [], []
     for name in [*outputs, *DEFAULT_DECISION]:
         if name in ENSEMBLES:
@@ -187,8 +189,8 @@ def plot_series(path: Path, key: str, frame: pd.DataFrame, windows, probation: i
 @click.option("--epochs", type=int, default=50, show_default=True, help="LSTM epochs (on each probation period)")
 @click.option("--detectors", "outputs", default=None, metavar="A,B,...",
               help="only these outputs (detectors, <source>_likelihood, ensembles), plus the default "
-                   "decision; default: the seed detectors, every likelihood of ALL_LIKELIHOOD_SOURCES and "
-                   "the ensembles")
+                   "decision; default: the seed detectors, the streaming candidates, every likelihood of "
+                   "ALL_LIKELIHOOD_SOURCES and of the candidates, and the ensembles")
 @click.option("--jobs", type=int, default=None, help="series scored in parallel processes [default: min(2, cpus)]")
 @click.option("--loco/--no-loco", default=True, show_default=True,
               help="report the leave-one-category-out choice between the outputs run")
