@@ -34,27 +34,30 @@ from models.metrics.streaming import (
 class AdaptiveResonanceDetector(StreamingDetector):
     name = "art"
     threshold = 0.2
-    defaults = {"dim": 8, "categories": 12, "rho": 0.9, "beta": 0.1, "alpha": 0.001, "margin": 0.25,
-                "shrink": 2e-4, "usage_decay": 0.999, "min_points": 50, "threshold": 0.2}
+    defaults = {"dim": 8, "step": 1, "categories": 12, "rho": 0.9, "beta": 0.1, "alpha": 0.001, "margin": 0.25,
+                "shrink": 2e-4, "usage_decay": 0.999, "min_points": 50, "novelty_only": False, "threshold": 0.2}
 
     def state_fields(self) -> dict:
         p = self.params
         return {self.field("w"): (np.float32, (p["categories"], 2 * p["dim"])),
                 self.field("usage"): (np.float32, (p["categories"],)),
                 self.field("recent"): (np.float64, (p["dim"],)),
+                self.field("block"): (np.float64, ()),  # sum of the block being filled
+
                 self.field("lo"): (np.float64, ()), self.field("hi"): (np.float64, ()),
                 self.field("n"): (np.int64, ())}
 
     def _score(self, a, slots, batch, out):
         p = self.params
-        _art_rows(slots, np.asarray(batch.values, np.float64), out, a["w"], a["usage"], a["recent"], a["lo"],
-                  a["hi"], a["n"], float(p["rho"]), float(p["beta"]), float(p["alpha"]), float(p["margin"]),
-                  float(p["shrink"]), float(p["usage_decay"]), int(p["min_points"]))
+        _art_rows(slots, np.asarray(batch.values, np.float64), out, a["w"], a["usage"], a["recent"], a["block"],
+                  a["lo"], a["hi"], a["n"], int(p["step"]), float(p["rho"]), float(p["beta"]), float(p["alpha"]),
+                  float(p["margin"]), float(p["shrink"]), float(p["usage_decay"]), int(p["min_points"]),
+                  bool(p["novelty_only"]))
 
 
 @njit(cache=True, nogil=True)
-def _art_rows(slots, values, out, w, usage, recent, lo, hi, n, rho, beta, alpha, margin, shrink, decay,
-              min_points):
+def _art_rows(slots, values, out, w, usage, recent, block, lo, hi, n, step, rho, beta, alpha, margin, shrink,
+              decay, min_points, novelty_only):
     n_cat = w.shape[1]
     dim = recent.shape[1]
     inp = np.empty(2 * dim)
@@ -67,10 +70,15 @@ def _art_rows(slots, values, out, w, usage, recent, lo, hi, n, rho, beta, alpha,
         range_start(s, x, lo, hi, k)
         if k == 0:
             recent[s, :] = x
-        # the window, oldest first, this point last
-        for j in range(dim - 1):
-            recent[s, j] = recent[s, j + 1]
-        recent[s, dim - 1] = x
+        # The window, oldest first: the means of the last dim-1 full blocks of `step` points, then
+        # the mean of the block this point is in so far.
+        if k % step == 0:
+            if k > 0:
+                for j in range(dim - 1):
+                    recent[s, j] = recent[s, j + 1]
+            block[s] = 0.0
+        block[s] += x
+        recent[s, dim - 1] = block[s] / (k % step + 1)
         width = hi[s] - lo[s]
         base = lo[s] - margin * width
         span = (1.0 + 2.0 * margin) * width
@@ -96,7 +104,10 @@ def _art_rows(slots, values, out, w, usage, recent, lo, hi, n, rho, beta, alpha,
             if m >= rho and t > best_t:
                 best_t = t
                 chosen = c
-        out[i] = 1.0 - best_m if k >= min_points else 0.0
+        score = 1.0 - best_m if k >= min_points else 0.0
+        if novelty_only and chosen >= 0:
+            score = 0.0
+        out[i] = score
         for c in range(n_cat):
             usage[s, c] *= decay
         if chosen >= 0:

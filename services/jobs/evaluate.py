@@ -35,28 +35,65 @@ from models.evaluation.nab import (
     window_indices,
     window_metrics,
 )
+from models.metrics.ensemble import Ensemble
 from models.metrics.features import read_series_csv
 from models.metrics.model_set import SEED_DECISION
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, PATH, run_command
 from shared.config import load_settings
 
-# Ensembles reported beside the single outputs: name -> (outputs, rule). Rules or/and/majority
-# combine the members' flags; max/mean combine their scores (likelihoods, in [0, 1]), flagged at
-# the likelihood threshold 0.5.
+# Ensembles reported beside the single outputs: name -> (outputs, rule) over the members' flags.
 ENSEMBLES: dict[str, tuple[list[str], str]] = {
     "combined": (SEED_DECISION, "or"),  # the seed's IF-or-LSTM
     "likelihood_or": (["value_likelihood", "robust_zscore_likelihood"], "or"),
     "likelihood_majority": (["value_likelihood", "robust_zscore_likelihood", "isolation_forest_likelihood",
                              "lstm_autoencoder_likelihood"], "majority"),
 }
-SCORE_RULES = {"max": np.max, "mean": np.mean}
-ENSEMBLE_THRESHOLD = 0.5
+# Likelihood sources the ensemble grid combines, with the letter that names them in an ensemble.
+GRID_SHOWN = 15
+GRID_SOURCES = {"v": "value", "s": "seasonal", "r": "robust_zscore", "c": "contextual", "a": "art", "k": "knn"}
 
 
-def plan(outputs: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+def _named(letters: str, threshold: float, quiet: int, rule: str = "or", **kw) -> Ensemble:
+    members = {f"{GRID_SOURCES[x]}_likelihood": threshold for x in letters}
+    tag = rule if rule != "vote" else f"vote{kw.get('votes', 2)}"
+    return Ensemble(f"{tag}[{'+'.join(letters)}]@{threshold}q{quiet}", members, rule, threshold, quiet=quiet, **kw)
+
+
+def named_ensembles() -> dict[str, Ensemble]:
+    """Score ensembles with a quiet period (models/metrics/ensemble.py) reported in every run."""
+    ens = [_named("vs", 0.5, 100), _named("vsr", 0.5, 100), _named("vsr", 0.55, 100),
+           _named("vs", 0.45, 100, "mean"), _named("vsrcak", 0.5, 100, "vote", votes=2)]
+    return {e.name: e for e in ens}
+
+
+def ensemble_grid() -> dict[str, Ensemble]:
+    """The candidates `--ensembles grid` adds, fixed before looking at any score: OR of one to three
+    of the GRID_SOURCES likelihoods at a common threshold, with a quiet period; the mean of two or
+    three of value/seasonal/robust_zscore; two-of-n votes."""
+    from itertools import combinations
+
+    grid = []
+    for size in (1, 2, 3):
+        for letters in combinations(GRID_SOURCES, size):
+            for threshold in (0.45, 0.5, 0.55):
+                for quiet in (0, 50, 100, 200):
+                    grid.append(_named("".join(letters), threshold, quiet))
+    for letters in ("vs", "vr", "sr", "vsr"):
+        for threshold in (0.35, 0.4, 0.45):
+            for quiet in (0, 100):
+                grid.append(_named(letters, threshold, quiet, "mean"))
+    for letters in ("vsr", "vsrcak"):
+        for threshold in (0.4, 0.5):
+            for quiet in (0, 100):
+                grid.append(_named(letters, threshold, quiet, "vote", votes=2))
+    return {e.name: e for e in grid}
+
+
+def plan(outputs: list[str] | None, grid: bool = False) -> tuple[list[str], list[str], list[str], list[Ensemble]]:
     """What to run for the outputs asked (None: everything): (detectors to fit, likelihood
-    sources, ensembles). The "default" decision is always reported."""
+    sources, flag ensembles, score ensembles). The "default" decision is always reported; `grid`
+    adds the ensemble grid."""
     from models.metrics.model_set import (
         ALL_LIKELIHOOD_SOURCES,
         CANDIDATE_DETECTORS,
@@ -65,14 +102,21 @@ def plan(outputs: list[str] | None) -> tuple[list[str], list[str], list[str]]:
         FITTED_BY_DEFAULT,
     )
 
+    scored = {**named_ensembles(), **(ensemble_grid() if grid else {})}
     if outputs is None:
-        return ([*FITTED_BY_DEFAULT, *CANDIDATE_DETECTORS], [*ALL_LIKELIHOOD_SOURCES, *CANDIDATE_DETECTORS],
-                list(ENSEMBLES))
-    wanted, ensembles = [], []
+        outputs = [*FITTED_BY_DEFAULT, *CANDIDATE_DETECTORS,
+                   *(f"{src}_likelihood" for src in [*ALL_LIKELIHOOD_SOURCES, *CANDIDATE_DETECTORS]),
+                   *ENSEMBLES, *named_ensembles()]
+    wanted, flag_ens, score_ens = [], [], []
+    if grid:
+        outputs = [*outputs, *ensemble_grid()]
     for name in [*outputs, *DEFAULT_DECISION]:
         if name in ENSEMBLES:
-            ensembles.append(name)
+            flag_ens.append(name)
             wanted.extend(ENSEMBLES[name][0])
+        elif name in scored:
+            score_ens.append(scored[name])
+            wanted.extend(scored[name].members)
         else:
             wanted.append(name)
     detectors, sources = [], []
@@ -84,43 +128,42 @@ def plan(outputs: list[str] | None) -> tuple[list[str], list[str], list[str]]:
         elif name in DETECTORS:
             det = name
         else:
-            known = sorted([*DETECTORS, *(f"{d}_likelihood" for d in ["value", *DETECTORS]), *ENSEMBLES])
-            raise click.UsageError(f"unknown output {name!r}; known: {', '.join(known)}")
+            known = sorted([*DETECTORS, *(f"{d}_likelihood" for d in ["value", *DETECTORS]), *ENSEMBLES,
+                            *named_ensembles()])
+            raise click.UsageError(f"unknown output {name!r}; known: {', '.join(known)} (and the --ensembles grid)")
         if det is not None:
             detectors.append(det)
     unique = lambda xs: list(dict.fromkeys(xs))  # noqa: E731
-    return unique(detectors), unique(sources), unique(ensembles)
+    return unique(detectors), unique(sources), unique(flag_ens), list({e.name: e for e in score_ens}.values())
 
 
-def score_series(frame: pd.DataFrame, epochs: int, outputs: list[str] | None = None
+def score_series(frame: pd.DataFrame, epochs: int, outputs: list[str] | None = None, grid: bool = False
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], object]:
     """(scores, flags) for the outputs asked (None: every output and ensemble) of a model set
     fitted on the probation rows."""
     from models.metrics.model_set import DEFAULT_DECISION, fit_model_set
     from models.metrics.scorer import Scorer, combine
 
-    detectors, sources, ensembles = plan(outputs)
+    detectors, sources, flag_ens, score_ens = plan(outputs, grid)
     probation = probation_length(len(frame))
     model_set = fit_model_set(frame["series"].iloc[0], frame.iloc[:probation], epochs, progress=False,
                               likelihood_sources=sources, detectors=detectors)
-    result = Scorer(model_set).score(frame["series"].to_numpy(), frame["epoch_s"].to_numpy(),
-                                     frame["value"].to_numpy())
+    series = frame["series"].to_numpy()
+    result = Scorer(model_set).score(series, frame["epoch_s"].to_numpy(), frame["value"].to_numpy())
     scores, flags = dict(result.scores), dict(result.flags)
-    for name in ensembles:
+    for name in flag_ens:
         members, rule = ENSEMBLES[name]
-        if rule in SCORE_RULES:
-            scores[name] = SCORE_RULES[rule](np.vstack([scores[m] for m in members]), axis=0)
-            flags[name] = scores[name] >= ENSEMBLE_THRESHOLD
-        else:
-            flags[name] = combine({m: flags[m] for m in members}, rule)
+        flags[name] = combine({m: flags[m] for m in members}, rule)
+    for ens in score_ens:
+        scores[ens.name], flags[ens.name] = ens.decide(series, scores)
     flags["default"] = combine({m: flags[m] for m in DEFAULT_DECISION}, "or")
     return scores, flags, model_set
 
 
 def evaluate_one(args: tuple) -> tuple:
     """One series, in a worker process: (key, frame, truth, window rows, probation, scores, flags)."""
-    key, path, windows, epochs, outputs = args
-    if outputs is None or "lstm_autoencoder" in plan(outputs)[0]:
+    key, path, windows, epochs, outputs, grid = args
+    if "lstm_autoencoder" in plan(outputs, grid)[0]:
         from models.metrics.lstm_autoencoder import configure_tensorflow
 
         configure_tensorflow(1)
@@ -130,7 +173,7 @@ def evaluate_one(args: tuple) -> tuple:
     truth = np.zeros(len(frame), bool)
     for lo, hi in widx:
         truth[lo:hi + 1] = True
-    scores, flags, _ = score_series(frame, epochs, outputs)
+    scores, flags, _ = score_series(frame, epochs, outputs, grid)
     return key, frame, truth, widx, probation, scores, flags
 
 
@@ -195,8 +238,11 @@ def plot_series(path: Path, key: str, frame: pd.DataFrame, windows, probation: i
 @click.option("--loco/--no-loco", default=True, show_default=True,
               help="report the leave-one-category-out choice between the outputs run")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="one PNG per series")
+@click.option("--ensembles", type=click.Choice(["named", "grid"]), default="named", show_default=True,
+              help="grid: also the ensemble grid (ensemble_grid(), a few hundred candidates for the "
+                   "leave-one-category-out choice; in metrics.json, not in the CSVs)")
 def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path | None, out_dir: Path,
-            epochs: int, outputs: str | None, jobs: int | None, loco: bool, plots: bool) -> int:
+            epochs: int, outputs: str | None, jobs: int | None, loco: bool, plots: bool, ensembles: str) -> int:
     settings = load_settings()
     default_data = settings.data_dir / "nab_ec2"
     data_dir = data_dir or default_data / "data"
@@ -204,7 +250,9 @@ def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path 
     labels_path = labels_path or default_data / "labels" / "combined_labels.json"
     log = setup_logging(settings, "evaluate")
     asked = None if outputs is None else [o.strip() for o in outputs.split(",") if o.strip()]
-    plan(asked)  # an unknown output fails here, before any work
+    grid = ensembles == "grid"
+    plan(asked, grid)  # an unknown output fails here, before any work
+    in_grid = set(ensemble_grid()) - set(named_ensembles()) if grid else set()
     jobs = jobs or min(2, os.cpu_count() or 1)
 
     windows = load_windows(windows_path)
@@ -214,7 +262,7 @@ def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path 
         raise click.UsageError(f"no series of {windows_path} found under {data_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     pooled: dict[str, dict] = {}  # output -> {"alarms": [...], "truth": [...], "nab_flags": {...}, "nab_scores": {...}}
-    tasks = [(key, data_dir / key, windows[key], epochs, asked) for key in keys]
+    tasks = [(key, data_dir / key, windows[key], epochs, asked, grid) for key in keys]
     for key, frame, truth, widx, probation, scores, flags in tqdm(run_all(tasks, jobs), total=len(keys),
                                                                   desc="evaluate", unit="series"):
         scored = np.arange(len(frame)) >= probation
@@ -234,9 +282,11 @@ def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path 
             out["if_anomaly"], out["lstm_anomaly"] = flags["isolation_forest"], flags["lstm_autoencoder"]
             out["reconstruction_error"], out["if_score"] = scores["lstm_autoencoder"], scores["isolation_forest"]
         for name in scores:
-            out[f"{name}_score"] = scores[name]
+            if name not in in_grid:
+                out[f"{name}_score"] = scores[name]
         for name in flags:
-            out[f"{name}_anomaly"] = flags[name]
+            if name not in in_grid:
+                out[f"{name}_anomaly"] = flags[name]
         stem = Path(key).stem
         out.to_csv(out_dir / f"{stem}.csv", index=False)
         if plots:
@@ -274,9 +324,14 @@ def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path 
     # The seed's IF and LSTM flag about a tenth of all points: not candidates for a default.
     candidates = {n: e["flags"] for n, e in pooled.items() if n != "default" and metrics[n]["nab"]["standard"] > -100}
     if loco and candidates:
-        summary["loco"] = {p: loco_choice(candidates, p) for p in PROFILES}
+        tables = {n: categories[n] for n in candidates}
+        summary["loco"] = {p: loco_choice(candidates, p, tables) for p in PROFILES}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     order = [name for name, _ in sorted(metrics.items(), key=lambda kv: -kv[1]["nab"]["standard"])]
+    if in_grid:  # the grid's best few, beside every other output
+        best_grid = [n for n in order if n in in_grid][:GRID_SHOWN]
+        order = [n for n in order if n not in in_grid or n in best_grid]
+        print(f"(ensemble grid: {len(in_grid)} candidates, the best {len(best_grid)} shown; all in metrics.json)")
     width = max(len(n) for n in metrics)
     print(f"{'detector':<{width}}  point_f1  window_f1 found/missed/false  NAB std  low_fp  low_fn")
     for name in order:
