@@ -25,6 +25,7 @@ COMMANDS = {
     "run": ("services.jobs.run:command", "the whole pipeline end to end on the local broker"),
     "bench": ("services.jobs.bench:command", "throughput and latency benchmark"),
     "evaluate": ("services.jobs.evaluate:command", "detection quality on labelled NAB-layout data"),
+    "loco": ("services.jobs.loco:command", "leave-one-category-out choice between evaluate's outputs"),
     "logs": ("services.jobs.logs:command", "log anomaly detection: parse, evaluate, train, render"),
     "compare": ("services.jobs.compare:command", "warm-started Real-Time K-Means vs cold-start streaming K-Means"),
     "runs": ("services.jobs.rule_history:runs_command", "recent checks of a detector definition, from the run history"),

@@ -57,14 +57,19 @@ def category_table(flags: Flags) -> dict[str, dict]:
     return dict(sorted(table.items()))
 
 
-def loco(candidates: dict[str, Flags], profile: str = "standard", tables: dict | None = None) -> dict:
-    """Leave-one-category-out choice between candidates (name -> flags of every series).
+def loco(candidates: dict[str, Flags], profile: str = "standard") -> dict:
+    """Leave-one-category-out choice between candidates (name -> flags of every series); see
+    loco_from_tables."""
+    return loco_from_tables({name: category_table(flags) for name, flags in candidates.items()}, profile)
+
+
+def loco_from_tables(tables: dict[str, dict], profile: str = "standard") -> dict:
+    """Leave-one-category-out choice between candidates given their category_table()s.
 
     Returns {"folds": {held-out category: {"chosen", "train_score", "held_out_score",
-    "held_out_raw", "best_on_held_out", "best_held_out_score"}}, "score": the pooled normalised score
-    of the held-out choices, "wins": candidate -> folds won}. `tables`: the candidates'
-    category_table()s where already computed."""
-    tables = tables or {name: category_table(flags) for name, flags in candidates.items()}
+    "held_out_raw", "held_out_false_alarms", "best_on_held_out", "best_held_out_score"}}, "score":
+    the pooled normalised score of the held-out choices, "wins": candidate -> folds won}."""
+    candidates = list(tables)
     cats = sorted({c for t in tables.values() for c in t})
     windows = {c: next(t[c]["windows"] for t in tables.values() if c in t) for c in cats}
     folds, pooled_raw, wins = {}, 0.0, {}

@@ -14,6 +14,11 @@ Learning: among the categories that resonate (M_j >= rho) the one of highest cho
 I ^ w_j by `beta`; if none resonates, a new category starts at I, replacing the least used one
 when all are taken (usage decays by `usage_decay` per point, so stale categories go first).
 
+With `step` > 1 the window holds the means of the last dim blocks of `step` points (the last block
+the part filled so far), so it spans dim x step points at the cost of dim values: slower patterns.
+`novelty_only`: a point that resonates scores 0 (only a new category scores), as ARTime reports an
+anomaly only when its network meets an input it has no category for.
+
 State per series: categories x 2 x dim float32 weights, their usage, the last dim values and the
 range: about 900 bytes with the defaults.
 """

@@ -23,8 +23,8 @@ from models.evaluation.categories import (
     category_table,
     format_category_rows,
     format_loco,
+    loco_from_tables,
 )
-from models.evaluation.categories import loco as loco_choice
 from models.evaluation.metrics import point_metrics
 from models.evaluation.nab import (
     PROFILES,
@@ -325,7 +325,7 @@ def command(data_dir: Path | None, windows_path: Path | None, labels_path: Path 
     candidates = {n: e["flags"] for n, e in pooled.items() if n != "default" and metrics[n]["nab"]["standard"] > -100}
     if loco and candidates:
         tables = {n: categories[n] for n in candidates}
-        summary["loco"] = {p: loco_choice(candidates, p, tables) for p in PROFILES}
+        summary["loco"] = {p: loco_from_tables(tables, p) for p in PROFILES}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     order = [name for name, _ in sorted(metrics.items(), key=lambda kv: -kv[1]["nab"]["standard"])]
     if in_grid:  # the grid's best few, beside every other output

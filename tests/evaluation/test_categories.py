@@ -42,3 +42,23 @@ def test_loco_chooses_on_the_other_categories():
     assert result["folds"]["B"]["chosen"] == "early"
     assert result["score"] == pytest.approx(nab_score_fixed(early, "standard")["score"])
     assert result["wins"] == {"early": 2}
+
+
+def test_loco_job_reads_an_evaluate_metrics_file(tmp_path, capsys):
+    import json
+
+    from models.evaluation.categories import category_table
+    from services.jobs.loco import main as loco_job
+
+    early = {"A/x.csv": (alarms_at(N, [500]), WIN), "B/z.csv": (alarms_at(N, [500]), WIN)}
+    late = {"A/x.csv": (alarms_at(N, [549]), WIN), "B/z.csv": (alarms_at(N, [549]), WIN)}
+    metrics = {"detectors": {name: {"nab": {"standard": 0.0}, "categories": category_table(flags)}
+                             for name, flags in {"early": early, "late": late, "default": early}.items()}}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    assert loco_job([str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["candidates"] == ["early", "late"]
+    assert out["loco"]["standard"]["wins"] == {"early": 2}
+    assert loco_job([str(path), "--match", "la.*", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["candidates"] == ["late"]
