@@ -24,6 +24,8 @@ COMMANDS = {
     "scenario": ("services.jobs.scenario:command", "scenario NAME: kafka-load records a labelled broker-metrics CSV"),
     "run": ("services.jobs.run:command", "the whole pipeline end to end on the local broker"),
     "bench": ("services.jobs.bench:command", "throughput and latency benchmark"),
+    "detector-cost": ("services.jobs.detector_cost:command",
+                      "CPU per message and state per series of each streaming detector, at 100,000 series"),
     "evaluate": ("services.jobs.evaluate:command", "detection quality on labelled NAB-layout data"),
     "loco": ("services.jobs.loco:command", "leave-one-category-out choice between evaluate's outputs"),
     "logs": ("services.jobs.logs:command", "log anomaly detection: parse, evaluate, train, render"),

@@ -112,3 +112,14 @@ def test_registered_with_trivial_save_and_load(kind, tmp_path):
 def test_state_is_small_per_series():
     sizes = {kind.name: SeriesState(kind().state_fields()).bytes_per_series - 8 for kind in KINDS}
     assert all(size <= 1100 for size in sizes.values()), sizes
+
+
+def test_detector_cost_measures_each_component_from_a_steady_state():
+    from services.jobs.detector_cost import components, measure
+
+    bases = [np.sin(np.arange(500) / 10.0) + i for i in range(3)]
+    parts = components("vs")
+    assert {"seasonal", "knn", "likelihood stage", "or[v+s]@0.5q100"} <= set(parts)
+    fields, schema, step = parts["or[v+s]@0.5q100"]
+    us, size = measure(bases, 50, fields, schema, step)
+    assert us > 0 and size == SeriesState(fields).bytes_per_series - 8
