@@ -36,6 +36,16 @@ class Ensemble:
         self.quiet = quiet
         self.prefix = f"ensemble.{name}"
 
+    def to_dict(self) -> dict:
+        """The parameters as the manifest keeps them (`from_dict` reads them back)."""
+        return {"members": dict(self.members), "rule": self.rule, "threshold": self.threshold,
+                "votes": self.votes, "quiet": self.quiet}
+
+    @classmethod
+    def from_dict(cls, name: str, params: dict) -> "Ensemble":
+        return cls(name, {str(m): float(t) for m, t in params["members"].items()}, params.get("rule", "or"),
+                   float(params.get("threshold", 0.5)), int(params.get("votes", 2)), int(params.get("quiet", 0)))
+
     def state_fields(self) -> dict:
         return {f"{self.prefix}.quiet": (np.int32, ())}  # points left in the quiet period
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import pandas as pd
 from models.base import ArtifactError, Detector, read_json, write_json
 from models.metrics.adaptive_resonance import AdaptiveResonanceDetector
 from models.metrics.contextual import ContextualDetector
+from models.metrics.ensemble import Ensemble
 from models.metrics.features import (
     FEATURES,
     SEQ_LEN,
@@ -52,6 +53,9 @@ ALL_LIKELIHOOD_SOURCES = ["value", "robust_zscore", "isolation_forest", "lstm_au
 # score with `anomstream evaluate` (see README, "Detection quality").
 DEFAULT_DECISION = ["value_likelihood"]
 SEED_DECISION = ["isolation_forest", "lstm_autoencoder"]
+# Ensembles a model set computes by default (models/metrics/ensemble.py); their members must be
+# among the set's outputs.
+DEFAULT_ENSEMBLES: dict[str, Ensemble] = {}
 MANIFEST_FORMAT = 2
 
 
@@ -63,10 +67,18 @@ class ModelSet:
     detectors: dict[str, Detector]
     likelihood_sources: list[str]
     decision: list[str]
+    # Ensembles the Scorer computes after the likelihood stages, in this order (a member may be
+    # any output before it, an earlier ensemble included); each is an output like the others.
+    ensembles: dict[str, Ensemble] = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_ensembles([*self.detectors, *(f"{src}_likelihood" for src in self.likelihood_sources)],
+                        self.ensembles, self.name)
 
     def outputs(self) -> list[str]:
-        """Every score the set produces: each detector, then each likelihood stage."""
-        return [*self.detectors, *(f"{src}_likelihood" for src in self.likelihood_sources)]
+        """Every score the set produces: each detector, then each likelihood stage, then each
+        ensemble."""
+        return [*self.detectors, *(f"{src}_likelihood" for src in self.likelihood_sources), *self.ensembles]
 
     @staticmethod
     def folder(model_dir: Path, name: str) -> Path:
@@ -94,8 +106,9 @@ class ModelSet:
         manifest = cls.read_manifest(model_dir, name)
         folder = cls.folder(model_dir, name)
         detectors = {d: DETECTORS[d].load(folder / d) for d in manifest["detectors"]}
+        ensembles = {e: Ensemble.from_dict(e, p) for e, p in manifest.get("ensembles", {}).items()}
         return cls(name, manifest["version"], Scaler.from_dict(manifest["scaler"]), detectors,
-                   manifest["likelihood_sources"], manifest["decision"])
+                   manifest["likelihood_sources"], manifest["decision"], ensembles)
 
     def save(self, model_dir: Path, data_hash: str, rows: int) -> Path:
         folder = self.folder(model_dir, self.name)
@@ -111,10 +124,24 @@ class ModelSet:
             "detectors": {d: {"threshold": det.threshold} for d, det in self.detectors.items()},
             "likelihood_sources": self.likelihood_sources,
             "decision": self.decision,
+            "ensembles": {e: ens.to_dict() for e, ens in self.ensembles.items()},
             "training_data": {"sha256": data_hash, "rows": rows},
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
         return folder
+
+
+def check_ensembles(outputs: list[str], ensembles: dict[str, Ensemble], set_name: str = "") -> None:
+    """Each ensemble's members must be outputs before it (ArtifactError otherwise)."""
+    known = list(outputs)
+    for name, ens in ensembles.items():
+        if name in known:
+            raise ArtifactError(f"model set {set_name}: ensemble {name!r} has the name of another output")
+        missing = set(ens.members) - set(known)
+        if missing:
+            raise ArtifactError(f"model set {set_name}: ensemble {name!r} combines unknown output(s) "
+                                f"{sorted(missing)}; the set has {known}")
+        known.append(name)
 
 
 def data_hash(frame: pd.DataFrame) -> str:
@@ -133,7 +160,7 @@ FITTED_BY_DEFAULT = ["isolation_forest", "lstm_autoencoder", "robust_zscore"]
 
 def fit_model_set(name: str, frame: pd.DataFrame, epochs: int = 50, progress: bool = True,
                   decision: list[str] | None = None, likelihood_sources: list[str] | None = None,
-                  detectors: list[str] | None = None) -> ModelSet:
+                  detectors: list[str] | None = None, ensembles: dict[str, Ensemble] | None = None) -> ModelSet:
     """Fit the detectors named in `detectors` (default FITTED_BY_DEFAULT) on `frame` (columns
     series, epoch_s, value; each series in time order)."""
     frame = frame.sort_values(["series", "epoch_s"], kind="stable")
@@ -152,7 +179,7 @@ def fit_model_set(name: str, frame: pd.DataFrame, epochs: int = 50, progress: bo
             fitted[det_name] = DETECTORS[det_name]().fit(history)
     version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{data_hash(frame)[:8]}"
     return ModelSet(name, version, scaler, fitted, list(likelihood_sources or LIKELIHOOD_SOURCES),
-                    list(decision or DEFAULT_DECISION))
+                    list(decision or DEFAULT_DECISION), dict(DEFAULT_ENSEMBLES if ensembles is None else ensembles))
 
 
 def train_model_set(name: str, frame: pd.DataFrame, model_dir: Path, epochs: int = 50,

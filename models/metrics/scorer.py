@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.metrics.ensemble import Ensemble
 from models.metrics.features import SeriesWindows, build_batch
 from models.metrics.likelihood import AnomalyLikelihood
 from models.metrics.model_set import ModelSet
@@ -52,9 +53,11 @@ class Scorer:
         self.detectors = {name: det.for_stream() for name, det in model_set.detectors.items()}
         self.likelihood = {src: AnomalyLikelihood(prefix=f"{src}_likelihood")
                            for src in model_set.likelihood_sources}
+        # Ensembles: fresh copies (their quiet counters live in this Scorer's store).
+        self.ensembles = {name: Ensemble.from_dict(name, ens.to_dict()) for name, ens in model_set.ensembles.items()}
         # Every streaming component's fields in one store; its schema (the components'
         # hyper-parameters) goes into the fingerprint an exported state carries.
-        parts = [self.windows, *self.detectors.values(), *self.likelihood.values()]
+        parts = [self.windows, *self.detectors.values(), *self.likelihood.values(), *self.ensembles.values()]
         stateful = [c for c in parts if hasattr(c, "state_fields")]
         self.store = SeriesState({k: v for c in stateful for k, v in c.state_fields().items()},
                                  "|".join(f"{type(c).__name__}:{c.schema()}" for c in stateful))
@@ -71,4 +74,6 @@ class Scorer:
             scores[name] = stage.update(batch.series, batch.values if src == "value" else scores[src],
                                         batch.timestamps, self.store, slots)
             flags[name] = scores[name] >= stage.threshold
+        for name, ens in self.ensembles.items():
+            scores[name], flags[name] = ens.decide(batch.series, scores, self.store, slots)
         return ScoreResult(scores, flags, combine({n: flags[n] for n in self.decision}, self.rule))

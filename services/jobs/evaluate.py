@@ -98,11 +98,12 @@ def plan(outputs: list[str] | None, grid: bool = False) -> tuple[list[str], list
         ALL_LIKELIHOOD_SOURCES,
         CANDIDATE_DETECTORS,
         DEFAULT_DECISION,
+        DEFAULT_ENSEMBLES,
         DETECTORS,
         FITTED_BY_DEFAULT,
     )
 
-    scored = {**named_ensembles(), **(ensemble_grid() if grid else {})}
+    scored = {**named_ensembles(), **(ensemble_grid() if grid else {}), **DEFAULT_ENSEMBLES}
     if outputs is None:
         outputs = [*FITTED_BY_DEFAULT, *CANDIDATE_DETECTORS,
                    *(f"{src}_likelihood" for src in [*ALL_LIKELIHOOD_SOURCES, *CANDIDATE_DETECTORS]),
@@ -147,7 +148,7 @@ def score_series(frame: pd.DataFrame, epochs: int, outputs: list[str] | None = N
     detectors, sources, flag_ens, score_ens = plan(outputs, grid)
     probation = probation_length(len(frame))
     model_set = fit_model_set(frame["series"].iloc[0], frame.iloc[:probation], epochs, progress=False,
-                              likelihood_sources=sources, detectors=detectors)
+                              likelihood_sources=sources, detectors=detectors, ensembles={})
     series = frame["series"].to_numpy()
     result = Scorer(model_set).score(series, frame["epoch_s"].to_numpy(), frame["value"].to_numpy())
     scores, flags = dict(result.scores), dict(result.flags)
