@@ -9,13 +9,21 @@ from past points only and slowly forgets (each point pulls both ends in by `shri
 width), so one old spike does not squash every later level into one bin. Contexts of order 1..3
 (the last one, two, three symbols) each keep, per context, a count of every symbol that followed
 it (order 1 directly; orders 2 and 3 hashed into `rows` rows), uint8 counters halved when one
-saturates (old habits fade). Score of a point = among the orders whose context has been seen
-(its counts sum to at least `min_context`), the fraction for which this symbol never followed it;
-0 while fewer than `min_points` points were seen. After a point scored at or over the threshold,
-the next `rest` points score at most just under it (CAD's rest period: one alarm per event).
+saturates (old habits fade). Raw score of a point = among the orders whose context has been
+seen (its counts sum to at least `min_context`), the fraction for which this symbol never
+followed it.
+
+How the raw score becomes an alarm, as CAD OSE does it: the raw score is computed from the first
+point on, and the output is the raw score only when no raw score in the previous `rest` points
+reached `base` (CAD OSE's rest period, there a fifth of NAB's probation, about 3% of a series;
+here a fixed number of points); otherwise 0. The early points, when everything is new, keep
+the output silent until the contexts settle (CAD OSE's implicit probation), and an event raises
+one score, then silence. `threshold` is the deployed decision on that sparse output. The value
+is quantised in `levels` = 8 bins (CAD OSE: 3 bits of the value over its range, i.e. 8 levels)
+of the range seen so far (no future range: no leakage).
 
 State per series: 3 x `rows` x (levels+2) uint8 counters, the range and the last three symbols:
-about 800 bytes with the defaults.
+about 1 KB with the defaults.
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ from models.metrics.streaming import (
 class ContextualDetector(StreamingDetector):
     name = "contextual"
     threshold = 0.99
-    defaults = {"levels": 6, "rows": 32, "shrink": 2e-4, "min_points": 50, "min_context": 4, "rest": 0,
-                "threshold": 0.99}
+    defaults = {"levels": 8, "rows": 32, "shrink": 2e-4, "min_points": 50, "min_context": 4, "rest": 120,
+                "base": 0.75, "threshold": 0.75}
 
     def state_fields(self) -> dict:
         symbols = self.params["levels"] + 2
@@ -48,7 +56,7 @@ class ContextualDetector(StreamingDetector):
         p = self.params
         _contextual_rows(slots, np.asarray(batch.values, np.float64), out, a["counts"], a["lo"], a["hi"],
                          a["last"], a["n"], a["quiet"], int(p["levels"]), float(p["shrink"]),
-                         int(p["min_points"]), int(p["min_context"]), int(p["rest"]), float(self.threshold))
+                         int(p["min_points"]), int(p["min_context"]), int(p["rest"]), float(p["base"]))
 
 
 @njit(cache=True, nogil=True)
@@ -76,10 +84,9 @@ def _row(order, last, rows, symbols):
 
 @njit(cache=True, nogil=True)
 def _contextual_rows(slots, values, out, counts, lo, hi, last, n, quiet, levels, shrink, min_points,
-                     min_context, rest, threshold):
+                     min_context, rest, base):
     rows = counts.shape[2]
     symbols = counts.shape[3]
-    below = np.nextafter(threshold, 0.0)
     for i in range(len(slots)):
         s = slots[i]
         x = values[i]
@@ -107,11 +114,12 @@ def _contextual_rows(slots, values, out, counts, lo, hi, last, n, quiet, levels,
                     for c in range(symbols):
                         counts[s, order, rr, c] = counts[s, order, rr, c] // 2
             counts[s, order, r, sym] += 1
-        score = missed / seen if (seen > 0 and k >= min_points) else 0.0
+        raw = missed / seen if seen > 0 else 1.0
+        # CAD OSE's rest period: silent while a raw score of the last `rest` points reached `base`.
+        score = raw if (quiet[s] == 0 and k >= min_points) else 0.0
         if quiet[s] > 0:
             quiet[s] -= 1
-            score = min(score, below)
-        elif score >= threshold:
+        if raw >= base:
             quiet[s] = rest
         out[i] = score
         last[s, 2] = last[s, 1]
