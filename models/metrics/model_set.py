@@ -45,17 +45,22 @@ DETECTORS: dict[str, type[Detector]] = {
 CANDIDATE_DETECTORS = [ContextualDetector.name, KnnConformalDetector.name, AdaptiveResonanceDetector.name,
                        SeasonalResidualDetector.name]
 # Raw scores that also go through the anomaly-likelihood stage ("value" = the metric itself);
-# each gives an output named "<source>_likelihood". Deployed sets run the two that score well
-# (see README, "Detection quality"); `evaluate` runs them all.
-LIKELIHOOD_SOURCES = ["value", "robust_zscore"]
+# each gives an output named "<source>_likelihood". Deployed sets run the three the default
+# ensemble combines (see README, "Detection quality"); `evaluate` runs them all.
+LIKELIHOOD_SOURCES = ["value", "robust_zscore", "seasonal"]
 ALL_LIKELIHOOD_SOURCES = ["value", "robust_zscore", "isolation_forest", "lstm_autoencoder"]
-# The outputs whose flags make the decision (combined with the configured rule); chosen by NAB
-# score with `anomstream evaluate` (see README, "Detection quality").
-DEFAULT_DECISION = ["value_likelihood"]
+# The default decision (README, "Detection quality"): chosen by leave-one-category-out on nab_dev
+# among ten candidates declared before their scores were seen: an alarm when any of the value,
+# seasonal and robust z-score likelihoods reaches 0.5, then 100 quiet points for that series.
+DEFAULT_ENSEMBLE = "or[v+s+r]@0.5q100"
+DEFAULT_ENSEMBLES: dict[str, Ensemble] = {DEFAULT_ENSEMBLE: Ensemble(
+    DEFAULT_ENSEMBLE, {"value_likelihood": 0.5, "seasonal_likelihood": 0.5, "robust_zscore_likelihood": 0.5},
+    "or", 0.5, quiet=100)}
+# The outputs whose flags make the decision (combined with the configured rule).
+DEFAULT_DECISION = [DEFAULT_ENSEMBLE]
+# A model set without the default ensemble's members decides by the value likelihood alone.
+FALLBACK_DECISION = ["value_likelihood"]
 SEED_DECISION = ["isolation_forest", "lstm_autoencoder"]
-# Ensembles a model set computes by default (models/metrics/ensemble.py); their members must be
-# among the set's outputs.
-DEFAULT_ENSEMBLES: dict[str, Ensemble] = {}
 MANIFEST_FORMAT = 2
 
 
@@ -155,7 +160,7 @@ def data_hash(frame: pd.DataFrame) -> str:
 
 
 # The detectors a model set fits by default (the others in DETECTORS are evaluate candidates).
-FITTED_BY_DEFAULT = ["isolation_forest", "lstm_autoencoder", "robust_zscore"]
+FITTED_BY_DEFAULT = ["isolation_forest", "lstm_autoencoder", "robust_zscore", "seasonal"]
 
 
 def fit_model_set(name: str, frame: pd.DataFrame, epochs: int = 50, progress: bool = True,
@@ -178,8 +183,13 @@ def fit_model_set(name: str, frame: pd.DataFrame, epochs: int = 50, progress: bo
         else:
             fitted[det_name] = DETECTORS[det_name]().fit(history)
     version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{data_hash(frame)[:8]}"
-    return ModelSet(name, version, scaler, fitted, list(likelihood_sources or LIKELIHOOD_SOURCES),
-                    list(decision or DEFAULT_DECISION), dict(DEFAULT_ENSEMBLES if ensembles is None else ensembles))
+    sources = list(likelihood_sources or LIKELIHOOD_SOURCES)
+    if ensembles is None:  # the default ensembles whose members the set has
+        outputs = {*fitted, *(f"{src}_likelihood" for src in sources)}
+        ensembles = {e: ens for e, ens in DEFAULT_ENSEMBLES.items() if set(ens.members) <= outputs}
+    if decision is None:
+        decision = DEFAULT_DECISION if set(DEFAULT_DECISION) <= set(ensembles) else FALLBACK_DECISION
+    return ModelSet(name, version, scaler, fitted, sources, list(decision), dict(ensembles))
 
 
 def train_model_set(name: str, frame: pd.DataFrame, model_dir: Path, epochs: int = 50,

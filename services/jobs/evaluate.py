@@ -54,8 +54,14 @@ GRID_SHOWN = 15
 GRID_SOURCES = {"v": "value", "s": "seasonal", "r": "robust_zscore", "c": "contextual", "a": "art", "k": "knn"}
 
 
+# Sparse detectors whose raw output (not its likelihood) joins an ensemble, at their deployed
+# threshold: the contextual (CAD OSE-like) and adaptive-resonance (ARTime-like) alarms.
+RAW_SOURCES = {"C": ("contextual", 0.75), "A": ("art", 0.001)}
+
+
 def _named(letters: str, threshold: float, quiet: int, rule: str = "or", **kw) -> Ensemble:
-    members = {f"{GRID_SOURCES[x]}_likelihood": threshold for x in letters}
+    members = {(RAW_SOURCES[x][0] if x in RAW_SOURCES else f"{GRID_SOURCES[x]}_likelihood"):
+               (RAW_SOURCES[x][1] if x in RAW_SOURCES else threshold) for x in letters}
     tag = rule if rule != "vote" else f"vote{kw.get('votes', 2)}"
     return Ensemble(f"{tag}[{'+'.join(letters)}]@{threshold}q{quiet}", members, rule, threshold, quiet=quiet, **kw)
 
@@ -63,8 +69,17 @@ def _named(letters: str, threshold: float, quiet: int, rule: str = "or", **kw) -
 def named_ensembles() -> dict[str, Ensemble]:
     """Score ensembles with a quiet period (models/metrics/ensemble.py) reported in every run."""
     ens = [_named("vs", 0.5, 100), _named("vsr", 0.5, 100), _named("vsr", 0.55, 100),
-           _named("vs", 0.45, 100, "mean"), _named("vsrcak", 0.5, 100, "vote", votes=2)]
+           _named("vs", 0.45, 100, "mean"), _named("vsrcak", 0.5, 100, "vote", votes=2), *loco_candidates()]
     return {e.name: e for e in ens}
+
+
+def loco_candidates() -> list[Ensemble]:
+    """The small candidate set for the leave-one-category-out choice of the default (declared
+    before their scores were seen; with value_likelihood itself): OR of the value and seasonal
+    likelihoods (+ robust z-score), with the sparse CAD OSE-like (C) and ARTime-like (A) alarms
+    added, at 0.5, quiet 100 (and 50 once); a two-of-five vote."""
+    return [_named("vsr", 0.5, 50), _named("vsC", 0.5, 100), _named("vsA", 0.5, 100), _named("vsrC", 0.5, 100),
+            _named("vsrA", 0.5, 100), _named("vsrCA", 0.5, 100), _named("vsrCA", 0.5, 100, "vote", votes=2)]
 
 
 def ensemble_grid() -> dict[str, Ensemble]:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from models.metrics.model_set import DEFAULT_DECISION
 from services.jobs.evaluate import main as evaluate
 
 
@@ -77,7 +78,9 @@ def test_evaluate_runs_only_the_outputs_asked_in_parallel_with_category_tables(t
     assert evaluate(["--data-dir", str(data), "--windows", str(tmp_path / "windows.json"), "--out", str(out),
                      "--detectors", "value_likelihood,robust_zscore_likelihood", "--jobs", "2", "--no-plots"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["detectors"]) == {"value_likelihood", "robust_zscore", "robust_zscore_likelihood", "default"}
+    # The outputs asked, what they need, and the default decision (an ensemble) with its members.
+    assert set(metrics["detectors"]) == {"value_likelihood", "robust_zscore", "robust_zscore_likelihood", "default",
+                                         "seasonal", "seasonal_likelihood", *DEFAULT_DECISION}
     cats = metrics["detectors"]["value_likelihood"]["categories"]
     assert set(cats) == {"catA", "catB"} and cats["catA"]["windows"] == 1
     assert set(cats["catA"]) >= {"standard", "reward_low_fp", "reward_low_fn", "false_alarms", "found"}

@@ -24,6 +24,7 @@ from models.metrics.features import (
 from models.metrics.isolation_forest import IsolationForestDetector
 from models.metrics.lstm_autoencoder import LSTMAutoencoderDetector
 from models.metrics.model_set import (
+    DEFAULT_DECISION,
     MANIFEST_FORMAT,
     SEED_DECISION,
     ModelSet,
@@ -174,12 +175,16 @@ def test_manifest_records_training_data_and_version(trained, frame):
     assert manifest["training_data"]["sha256"] == h.hexdigest()
     assert manifest["version"] == model_set.version
     assert manifest["version"].startswith("unit-") and manifest["version"].endswith(h.hexdigest()[:8])
-    assert set(manifest["detectors"]) == {"isolation_forest", "lstm_autoencoder", "robust_zscore"}
+    assert set(manifest["detectors"]) == {"isolation_forest", "lstm_autoencoder", "robust_zscore", "seasonal"}
     for name, det in model_set.detectors.items():
         assert manifest["detectors"][name]["threshold"] == det.threshold
         assert (folder / "unit" / name).is_dir()
     assert manifest["decision"] == model_set.decision and manifest["likelihood_sources"] == model_set.likelihood_sources
     assert ModelSet.load(folder, "unit").decision == model_set.decision
+    # The default decision is an ensemble the manifest declares (members, rule, threshold, quiet).
+    assert set(manifest["ensembles"]) == set(model_set.decision) == set(DEFAULT_DECISION)
+    assert ModelSet.load(folder, "unit").ensembles[DEFAULT_DECISION[0]].to_dict() == \
+        manifest["ensembles"][DEFAULT_DECISION[0]]
 
 
 def test_data_hash_ignores_row_order_of_sorted_input_but_not_values(frame):

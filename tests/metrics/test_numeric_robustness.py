@@ -15,7 +15,7 @@ from models.metrics.features import (
     build_batch,
 )
 from models.metrics.likelihood import AnomalyLikelihood
-from models.metrics.model_set import ModelSet
+from models.metrics.model_set import DEFAULT_DECISION, ModelSet
 from models.metrics.robust_zscore import RobustZScoreDetector
 from models.metrics.scorer import Scorer
 from shared.records.metrics import ScoreRecord, encode_score_records
@@ -123,7 +123,7 @@ def test_full_scorer_one_extreme_point(extreme, ec2_cpu):
     default decision flags the later shift in the spiked series exactly when the control's."""
     series, t, values = two_series(extreme)
     scorer = Scorer(ec2_cpu)
-    assert scorer.decision == ["value_likelihood"]
+    assert scorer.decision == DEFAULT_DECISION
     flags = []
     for a, b in in_batches(len(values)):
         r = scorer.score(series[a:b], t[a:b], values[a:b])
