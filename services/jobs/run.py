@@ -49,6 +49,7 @@ from shared.changelog import changelog_topic, restore
 from shared.cli import CONTEXT, run_command
 from shared.config import load_settings
 from shared.kafka import (
+    caught_up,
     commit_group_offsets,
     committed_offsets,
     end_offsets,
@@ -246,9 +247,7 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         logs_end = end_offsets(settings, settings.topic_logs)
         wait_for(lambda: log_detector_done(settings, logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], logs_end),
                  timeout, "the log detector to read every line and end every session", procs)
-        anomalies_end = end_offsets(settings, settings.topic_anomalies)
-        wait_for(lambda: all(committed_offsets(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
-                             for p, o in anomalies_end.items()),
+        wait_for(lambda: caught_up(settings, settings.alerter_group, settings.topic_anomalies),
                  timeout, "the alerter to handle every anomaly", procs)
 
         anomalies = records_since(settings, settings.topic_anomalies, before[settings.topic_anomalies])
