@@ -318,6 +318,7 @@ class StreamLoop:
         self.committed: dict[tuple[str, int], int] = {}
         self.first_read: dict[tuple[str, int], int] = {}  # first offset read since assigned (rewind target)
         self.revoking: set[tuple[str, int]] = set()  # partitions being revoked: not rewound
+        self.revoked_meanwhile: set[tuple[str, int]] = set()  # revoked during the batch in hand
         self.refused_aborts = 0  # transactions aborted in a row for an output refused for good
         self.subscribed: list[str] | None = None
         self.dirty = False  # outputs or state not yet checkpointed
@@ -348,6 +349,9 @@ class StreamLoop:
             if self.dirty and time.monotonic() - self.last_checkpoint >= self.processor.checkpoint_interval_s:
                 self.checkpoint()
             return
+        # Partitions revoked while `process` ran (only a processor that polls inside it, through
+        # keep_alive, serves a rebalance there): their messages are the new owner's to read again.
+        self.revoked_meanwhile: set[tuple[str, int]] = set()
         careful, poison = self.guard.begin(messages) if messages else (False, {})
         pills = [m for m in messages if (m.topic(), m.partition(), m.offset()) in poison]
         if pills:
@@ -373,6 +377,8 @@ class StreamLoop:
         for msg, reason in result.dead_letters:
             self.dead_letter(msg, reason)
         handled = messages if result.handled is None else messages[:result.handled]
+        if self.revoked_meanwhile:
+            handled = [m for m in handled if (m.topic(), m.partition()) not in self.revoked_meanwhile]
         for m in handled:
             tp = (m.topic(), m.partition())
             self.read_to[tp] = max(self.read_to.get(tp, 0), m.offset() + 1)
@@ -640,6 +646,7 @@ class StreamLoop:
         # What was read so far is made durable (exactly_once: the open transaction committed) while
         # the partitions are still ours.
         self.revoking = {(tp.topic, tp.partition) for tp in partitions}
+        self.revoked_meanwhile |= self.revoking
         try:
             self.finish()
         finally:
