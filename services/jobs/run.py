@@ -16,7 +16,7 @@ The rules service gets a consumer group and run history of this run alone, start
 topics' ends: the replay repeats the same event times on every run, which a long-lived rules
 service would rightly call late. Likewise the log detector gets a consumer group, drain3 folder
 and state changelog of this run alone (log_detector_env), so that it does not continue the open
-sessions and event time of an earlier run on the same broker.
+sessions and event time of an earlier run on the same broker; its changelog is deleted at the end.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import click
 import numpy as np
 import orjson
 import pandas as pd
+from confluent_kafka import KafkaException
 
 from models.evaluation.metrics import point_metrics
 from models.logs.render import START as RENDER_START
@@ -55,6 +56,7 @@ from shared.kafka import (
     committed_offsets,
     end_offsets,
     ensure_topics,
+    make_admin,
     read_topic,
     send,
 )
@@ -131,6 +133,12 @@ def log_detector_done(settings, group: str, changelog: str, logs_end: dict[int, 
     return not any(key.startswith(b"session:") for keys in state.values() for key in keys)
 
 
+def delete_topic(settings, name: str) -> None:
+    """Delete topic `name` (KafkaException if that fails)."""
+    admin = make_admin(settings)  # referenced until the result: a client destroyed first fails its request
+    admin.delete_topics([name], operation_timeout=30)[name].result()
+
+
 def log_summary(raw_sample: Path, labels: dict[str, bool], flagged: dict[str, set[str]], settings) -> str:
     """The log detector's sessions: the raw sample's, and the labelled ones scored against their labels."""
     raw_blocks = set()
@@ -164,6 +172,7 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         broker.start()
         log.info("local kafka broker ready", bootstrap=broker.bootstrap)
     procs: dict[str, subprocess.Popen] = {}
+    logs_changelog = None
     try:
         for name in (settings.model_input, settings.model_transactions):
             if not (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
@@ -247,7 +256,7 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         # would hold a rules partition back past the idle limit (making its messages late), and
         # during the scenario it would be a burst of traffic the broker-metrics model rightly flags.
         # The log detector: a group, templates and open sessions of this run alone (see
-        # log_detector_env).
+        # log_detector_env); its changelog is deleted when the run is over.
         log_state = log_dir / "logdetector-state"
         shutil.rmtree(log_state, ignore_errors=True)
         logs_env = env | log_detector_env(settings, log_state, int(time.time()))
@@ -330,6 +339,13 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if "logdetector" in procs:  # it stopped: the state of this run's sessions is of no further use
+            try:
+                delete_topic(settings, logs_changelog)
+                log.info("the log detector's changelog of this run deleted", topic=logs_changelog)
+            except KafkaException as exc:
+                log.warning("could not delete the log detector's changelog of this run", topic=logs_changelog,
+                            error=str(exc))
         if broker is not None:
             broker.stop()
             log.info("local kafka broker stopped")
