@@ -50,6 +50,9 @@ class SeriesState:
         self.arrays = {name: np.zeros((capacity, *shape), dt) for name, (dt, shape) in self.fields.items()}
         self.keys = np.full(capacity, None, dtype=object)
         self.partition = np.full(capacity, -1, np.int32)
+        # Where the series' last durable copy is (its changelog record's offset; -1: none yet).
+        # Not part of the exported state: it says where the export went.
+        self.stored_at = np.full(capacity, -1, np.int64)
         self.dirty = np.zeros(capacity, bool)  # changed since the last `take_dirty`
         self.free = list(range(capacity - 1, -1, -1))
         self._index = pd.Index([], dtype=object)  # key -> position in _index_slots (hashed)
@@ -123,6 +126,7 @@ class SeriesState:
             self.arrays[name] = grown
         self.keys = np.concatenate([self.keys, np.full(size - old, None, dtype=object)])
         self.partition = np.concatenate([self.partition, np.full(size - old, -1, np.int32)])
+        self.stored_at = np.concatenate([self.stored_at, np.full(size - old, -1, np.int64)])
         self.dirty = np.concatenate([self.dirty, np.zeros(size - old, bool)])
         self.free.extend(range(size - 1, old - 1, -1))
 
@@ -130,6 +134,7 @@ class SeriesState:
         for arr in self.arrays.values():
             arr[slots] = 0
         self.partition[slots] = -1
+        self.stored_at[slots] = -1
         self.dirty[slots] = False
 
     def _rebuild_index(self) -> None:
@@ -153,8 +158,10 @@ class SeriesState:
         return np.flatnonzero(np.isin(self.partition, list(partitions)) & (self.keys != None))  # noqa: E711
 
     def idle(self, before: float) -> np.ndarray:
-        """Slots whose last point is older than `before` (event time) and whose state was taken."""
-        return np.flatnonzero((self.keys != None) & (self.last_seen < before) & ~self.dirty)  # noqa: E711
+        """Slots whose last point is older than `before` (event time) and whose state is stored
+        (taken since its last change, and its copy acknowledged)."""
+        return np.flatnonzero((self.keys != None) & (self.last_seen < before) & ~self.dirty  # noqa: E711
+                              & (self.stored_at >= 0))
 
     def take_dirty(self) -> np.ndarray:
         """Slots changed since the last call (to write to the changelog); clears the marks."""

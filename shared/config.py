@@ -71,10 +71,8 @@ class Settings(BaseSettings):
     # exactly_once: each batch's outputs, dead letters and input offsets are committed in one
     # Kafka transaction (read_committed readers see each output once). at_least_once: idempotent
     # producer + offsets committed after the outputs are acknowledged; for clusters without
-    # transactions (e.g. some managed or proxied Kafka). The default stays at_least_once until
-    # exactly_once rides out a broker outage mid-transaction (issue 14: a stalled
-    # send_offsets_to_transaction after a broker restart is still open).
-    delivery: Literal["exactly_once", "at_least_once"] = "at_least_once"
+    # transactions (e.g. some managed or proxied Kafka).
+    delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
     # --- end of delivery settings -------------------------------------------------------------
 
     # --- Topics

@@ -351,6 +351,49 @@ def end_offsets(settings: Settings, topic: str, timeout: float = 10) -> dict[int
         consumer.close()
 
 
+def record_ends(settings: Settings, topic: str, timeout: float = 30) -> dict[int, int]:
+    """partition -> the offset after its last record a read_committed reader sees (its first
+    offset when it has none). A consumer that read everything commits this, not the end offset:
+    under exactly-once each transaction ends with a commit marker, which takes an offset too."""
+    ends = end_offsets(settings, topic, timeout)
+    consumer = Consumer(client_config(settings) | READ_COMMITTED | {
+        "group.id": "anomstream-offsets", "enable.auto.commit": False, "enable.partition.eof": True})
+    try:
+        out = {}
+        for p, high in ends.items():
+            low = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[0]
+            out[p], back = low, 16
+            while high > low:  # look back from the end, further each time, for a record
+                start = max(low, high - back)
+                consumer.assign([TopicPartition(topic, p, start)])
+                last, deadline = None, time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    msg = consumer.poll(1.0)
+                    if msg is None:
+                        continue
+                    if msg.error():
+                        if msg.error().code() == KafkaError._PARTITION_EOF:
+                            break
+                        raise KafkaException(msg.error())
+                    last = msg.offset()
+                else:
+                    raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading the end of {topic}[{p}]"))
+                if last is not None or start == low:
+                    out[p] = low if last is None else last + 1
+                    break
+                back *= 16
+        return out
+    finally:
+        consumer.close()
+
+
+def caught_up(settings: Settings, group: str, topic: str) -> bool:
+    """`group` has committed every record of `topic` (see record_ends)."""
+    ends = record_ends(settings, topic)
+    committed = committed_offsets(settings, group, topic, ends)
+    return all(committed[p] >= o for p, o in ends.items())
+
+
 def committed_offsets(settings: Settings, group: str, topic: str, partitions, timeout: float = 10) -> dict[int, int]:
     """partition -> the offset `group` has committed (0 when it has committed nothing)."""
     consumer = Consumer(client_config(settings) | READ_COMMITTED | {"group.id": group, "enable.auto.commit": False})

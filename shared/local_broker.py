@@ -225,6 +225,26 @@ class LocalBroker:
         self.pid_file.unlink(missing_ok=True)
         self.metrics_url_file.unlink(missing_ok=True)
 
+    def kill(self, timeout: float = 30) -> None:
+        """SIGKILL, as a crash or an OOM kill would (no controlled shutdown), and wait until it is gone."""
+        pid = self.running_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:  # reap it if it is our child; else wait for it to disappear
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        break
+                except ChildProcessError:
+                    pass
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+        self.metrics_url_file.unlink(missing_ok=True)
+
     def running_metrics_url(self) -> str | None:
         """The exporter endpoint the running broker was started with, if any."""
         if self.running_pid() is None or not self.metrics_url_file.exists():

@@ -39,6 +39,7 @@ whatever state it needs; this module owns the Kafka side. The hooks a processor 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -78,6 +79,12 @@ DEAD_LETTER_OVERHEAD = 4096  # headers and record framing beside a dead letter's
 # (the broker or the transaction coordinator away) is retried for TXN_RETRY_FOR_S, then raised.
 TXN_CALL_TIMEOUT_S = 10.0
 TXN_RETRY_FOR_S = 600.0
+# librdkafka does not always honour a transactional call's timeout: after a broker restart
+# send_offsets_to_transaction can block for good waiting for a group coordinator it never asks for
+# again (librdkafka issues #5456, #5511). A call still running this long after its timeout is
+# given up on: the producer is abandoned and a new one with the same transactional.id fences it
+# and aborts its transaction.
+TXN_HUNG_AFTER_S = TXN_CALL_TIMEOUT_S + 10.0
 # A transaction aborted this many times in a row because the broker refused an output for good
 # (not a timeout): the batch would be refused forever, so the loop stops as the at-least-once
 # mode does at once (UndeliveredError).
@@ -99,6 +106,34 @@ def transactional_id(settings: Settings, group: str, processor_name: str, instan
     the loop's group.instance.id, else the group, the processor's name and settings.instance_id."""
     base = instance_id or group_instance_id(settings, group, processor_name)
     return base if base.startswith(f"{group}-") else f"{group}-{base}"
+
+
+class CallHung(KafkaException):
+    """A transactional call that did not return long after its timeout; its producer is unusable."""
+
+
+def bounded(what: str, fn, *args) -> None:
+    """fn(*args) in a thread of its own, so that a call librdkafka never returns from (see
+    TXN_HUNG_AFTER_S) raises CallHung here instead of stopping the loop; its exception, if any, is
+    raised as if called directly. The abandoned thread stays blocked inside the old producer."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            fn(*args)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name=f"txn-{what}", daemon=True)
+    thread.start()
+    hung_after = TXN_HUNG_AFTER_S
+    thread.join(hung_after)
+    if not outcome:
+        raise CallHung(KafkaError(KafkaError._TIMED_OUT, f"{what} did not return {hung_after:.0f} s after it was "
+                                  "called (librdkafka ignores its timeout); the producer is abandoned", fatal=True))
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def _raise_if_fatal(error: KafkaError, transactional_id: str) -> None:
@@ -135,8 +170,10 @@ class TransactionalProducer:
         deadline = time.monotonic() + TXN_RETRY_FOR_S
         while True:
             try:
-                fn(*args)
+                bounded(what, fn, *args)
                 return
+            except CallHung:
+                raise
             except KafkaException as exc:
                 error = exc.args[0]
                 _raise_if_fatal(error, self.transactional_id)
@@ -281,6 +318,7 @@ class StreamLoop:
         self.committed: dict[tuple[str, int], int] = {}
         self.first_read: dict[tuple[str, int], int] = {}  # first offset read since assigned (rewind target)
         self.revoking: set[tuple[str, int]] = set()  # partitions being revoked: not rewound
+        self.revoked_meanwhile: set[tuple[str, int]] = set()  # revoked during the batch in hand
         self.refused_aborts = 0  # transactions aborted in a row for an output refused for good
         self.subscribed: list[str] | None = None
         self.dirty = False  # outputs or state not yet checkpointed
@@ -311,6 +349,9 @@ class StreamLoop:
             if self.dirty and time.monotonic() - self.last_checkpoint >= self.processor.checkpoint_interval_s:
                 self.checkpoint()
             return
+        # Partitions revoked while `process` ran (only a processor that polls inside it, through
+        # keep_alive, serves a rebalance there): their messages are the new owner's to read again.
+        self.revoked_meanwhile: set[tuple[str, int]] = set()
         careful, poison = self.guard.begin(messages) if messages else (False, {})
         pills = [m for m in messages if (m.topic(), m.partition(), m.offset()) in poison]
         if pills:
@@ -336,6 +377,8 @@ class StreamLoop:
         for msg, reason in result.dead_letters:
             self.dead_letter(msg, reason)
         handled = messages if result.handled is None else messages[:result.handled]
+        if self.revoked_meanwhile:
+            handled = [m for m in handled if (m.topic(), m.partition()) not in self.revoked_meanwhile]
         for m in handled:
             tp = (m.topic(), m.partition())
             self.read_to[tp] = max(self.read_to.get(tp, 0), m.offset() + 1)
@@ -473,13 +516,19 @@ class StreamLoop:
                 # (rejoin) before it takes the offsets, and a retry that waits for that never ends.
                 # Any failure aborts the transaction; its inputs are read again.
                 try:
-                    self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(),
-                                                              TXN_CALL_TIMEOUT_S)
+                    bounded("send_offsets_to_transaction", self.producer.send_offsets_to_transaction, offsets,
+                            self.consumer.consumer_group_metadata(), TXN_CALL_TIMEOUT_S)
+                except CallHung as exc:
+                    self.abort(exc)
+                    return
                 except KafkaException as exc:
                     _raise_if_fatal(exc.args[0], self.producer.transactional_id)
                     self.abort(exc)
                     return
             self.producer.call("commit_transaction", self.producer.commit_transaction, TXN_CALL_TIMEOUT_S)
+        except CallHung as exc:
+            self.abort(exc)
+            return
         except FencedError:
             self.failed = True  # nothing more may be committed, not even by the revoke at close
             raise
@@ -597,6 +646,7 @@ class StreamLoop:
         # What was read so far is made durable (exactly_once: the open transaction committed) while
         # the partitions are still ours.
         self.revoking = {(tp.topic, tp.partition) for tp in partitions}
+        self.revoked_meanwhile |= self.revoking
         try:
             self.finish()
         finally:

@@ -60,6 +60,10 @@ from shared.stream import Processor, Result, StreamLoop
 KEEP_ALIVE_EVERY_S = 5.0  # well inside any max.poll.interval.ms
 
 
+# deliver(): the partition was revoked during the retries (compared by identity).
+REVOKED: list[str] = ["revoked"]
+
+
 @dataclass
 class Outcome:
     """What became of one anomaly record; false while it is not done with (the service stopped
@@ -91,12 +95,13 @@ class Alerter(Processor):
         self.stopping = False
 
     def deliver(self, text: str, blocks: list[dict], channels: list[str] | None = None, done=(),
-                on_posted=None) -> list[str] | None:
+                on_posted=None, still_ours=None) -> list[str] | None:
         """Post to every target (but those in `done`) until each accepted; `on_posted(target)` right
         after each acceptance. Returns the targets Slack refused for good (a channel that does not
         exist or the bot is not in: retrying cannot help, and would block every alert behind this
-        one), or None if the service is stopping first (the alert is not committed). A target that
-        accepted is not posted again when a later one is retried."""
+        one), None if the service is stopping first (the alert is not committed), or REVOKED if
+        `still_ours()` turned false during the retries (the partition went to another member, which
+        posts it). A target that accepted is not posted again when a later one is retried."""
         refused = []
         for channel in self.slack.targets(channels or []):
             if channel in done:
@@ -105,6 +110,8 @@ class Alerter(Processor):
             while True:
                 if self.stopping:
                     return None
+                if still_ours is not None and not still_ours():
+                    return REVOKED
                 try:
                     self.slack.post(text, blocks, channel)
                     if on_posted is not None:
@@ -260,9 +267,17 @@ class Alerter(Processor):
             self.stats["logged"] += 1
         else:
             refused = self.deliver(text, blocks, channels, done=list(done),
-                                   on_posted=lambda target: self.mark_posted(msg, target))
+                                   on_posted=lambda target: self.mark_posted(msg, target),
+                                   still_ours=lambda: p in self.posted)
             if refused is None:
                 return Outcome(False)
+            if refused is REVOKED:
+                # A rebalance served while Slack was retried gave the partition to another member:
+                # it posts this alert (the stream core does not commit it here), so this one stops.
+                self.log.warning("partition revoked while its alert was being retried; left to its new owner",
+                                 partition=p, offset=offset)
+                self.stats["left_to_new_owner"] += 1
+                return Outcome(True)
             if p in self.posted and self.posted[p].offset == offset:
                 self.fault_pause(msg)
             if refused:  # kept, with the reason, where an operator looks for what was not delivered

@@ -33,7 +33,6 @@ class SeriesChangelog:
         self.store = store  # models.state.SeriesState
         self.log = log
         self.name = changelog_topic(settings, "detector", topic)
-        self.offset = np.full(len(store.keys), -1, np.int64)  # slot -> offset of its last changelog record
         self.evicted: dict[str, tuple[int, int]] = {}  # series -> (partition, changelog offset)
         self.stats = Counter()
         self._fetcher: Consumer | None = None
@@ -61,9 +60,8 @@ class SeriesChangelog:
                                  series=len(refused), example=refused[0], why=self.store.check(by_key[refused[0].encode()][0]))
             self.store.load(keys, blobs, partition=p)
             slots = self.store.find(keys)
-            self._fit_offsets()
             ok = slots >= 0
-            self.offset[slots[ok]] = offsets[ok]
+            self.store.stored_at[slots[ok]] = offsets[ok]
             self.stats["series_restored"] += int(ok.sum())
         self.evict(idle_before)  # series long idle go back to the changelog at once
         self.log.info("series state restored", changelog=self.name, partitions=partitions,
@@ -72,7 +70,6 @@ class SeriesChangelog:
     def drop(self, partitions: list[int]) -> None:
         slots = self.store.in_partitions(partitions)
         self.store.drop(slots)
-        self.offset[slots] = -1
         gone = {p for p in partitions}
         self.evicted = {k: v for k, v in self.evicted.items() if v[0] not in gone}
         self.stats["series_dropped_on_revoke"] += len(slots)
@@ -94,9 +91,7 @@ class SeriesChangelog:
             msgs = [m for m in consumer.consume(1, 10) if not m.error()]
             if msgs and msgs[0].key() == key.encode():
                 self.store.load([key], [msgs[0].value()], partition=p)
-                slot = self.store.find([key])[0]
-                self._fit_offsets()
-                self.offset[slot] = off
+                self.store.stored_at[self.store.find([key])[0]] = off
                 self.stats["series_brought_back"] += 1
             else:
                 self.log.warning("evicted series not found in the changelog; it learns again", series=key,
@@ -108,15 +103,14 @@ class SeriesChangelog:
         slots = self.store.take_dirty()
         if not len(slots):
             return 0
-        self._fit_offsets()
         blobs = self.store.export(slots)
         keys, parts = self.store.keys[slots].tolist(), self.store.partition[slots].tolist()
-        offsets = self.offset
+        store = self.store
 
         for slot, key, part, blob in zip(slots.tolist(), keys, parts, blobs):
             def delivered(err, msg, slot=slot):
                 if err is None:
-                    offsets[slot] = msg.offset()
+                    store.stored_at[slot] = msg.offset()
                 on_delivery(err, msg)
             write(producer, self.name, part, key.encode(), blob, on_delivery=delivered)
         self.stats["states_written"] += len(slots)
@@ -131,26 +125,18 @@ class SeriesChangelog:
         """Series whose last point is older than `before` leave memory; their state is in the
         changelog (only series written and acknowledged are evicted)."""
         slots = self.store.idle(before)
-        slots = slots[self.offset[slots] >= 0] if len(slots) else slots
         if not len(slots):
             return
         for key, part, off in zip(self.store.keys[slots].tolist(), self.store.partition[slots].tolist(),
-                                  self.offset[slots].tolist()):
+                                  self.store.stored_at[slots].tolist()):
             self.evicted[key] = (part, off)
         self.store.drop(slots)
-        self.offset[slots] = -1
         self.stats["series_evicted"] += len(slots)
 
     def _idle_before(self) -> float:
         used = self.store.keys != None  # noqa: E711
         newest = float(self.store.last_seen[used].max()) if used.any() else 0.0
         return newest - self.settings.state_idle_s
-
-    def _fit_offsets(self) -> None:
-        if len(self.offset) < len(self.store.keys):  # the store grew
-            grown = np.full(len(self.store.keys), -1, np.int64)
-            grown[:len(self.offset)] = self.offset
-            self.offset = grown
 
     def _consumer(self) -> Consumer:
         if self._fetcher is None:

@@ -14,7 +14,9 @@ all it started.
 
 The rules service gets a consumer group and run history of this run alone, starting at the
 topics' ends: the replay repeats the same event times on every run, which a long-lived rules
-service would rightly call late.
+service would rightly call late. Likewise the log detector gets a consumer group, drain3 folder
+and state changelog of this run alone (log_detector_env), so that it does not continue the open
+sessions and event time of an earlier run on the same broker; its changelog is deleted at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import click
 import numpy as np
 import orjson
 import pandas as pd
+from confluent_kafka import KafkaException
 
 from models.evaluation.metrics import point_metrics
 from models.logs.render import START as RENDER_START
@@ -49,10 +52,12 @@ from shared.changelog import changelog_topic, restore
 from shared.cli import CONTEXT, run_command
 from shared.config import load_settings
 from shared.kafka import (
+    caught_up,
     commit_group_offsets,
     committed_offsets,
     end_offsets,
     ensure_topics,
+    make_admin,
     read_topic,
     send,
 )
@@ -99,14 +104,40 @@ def render_labelled_log(settings, out: Path) -> dict[str, bool]:
     return dict(zip(frame["BlockId"], frame["y"].astype(bool)))
 
 
-def log_detector_done(settings, group: str, logs_end: dict[int, int]) -> bool:
+def log_detector_env(settings, state_dir: Path, run_id: int) -> dict[str, str]:
+    """The log detector's settings for run `run_id`: a consumer group, a drain3 folder and a state
+    changelog (ANOMSTREAM_STATE_TOPIC_PREFIX) of this run alone. The replay repeats the same block
+    ids and event times on every run, into the same `logs` topic: with the changelog of an earlier
+    run the detector would rightly continue that run's partition (as after a restart), i.e. with
+    its event time, which is ahead of every line replayed again, so the sessions open at the end of
+    each batch would end at once (cut in two: false alarms). Sessions end after 5 s of event time
+    without a line (the labelled lines are 10 ms apart), and when the replay is over, after 5 s of
+    quiet."""
+    return {"ANOMSTREAM_LOGDETECTOR_GROUP": f"anomstream-logdetector-run-{run_id}",
+            "ANOMSTREAM_STATE_TOPIC_PREFIX": f"{settings.state_topic_prefix}-run-{run_id}",
+            "ANOMSTREAM_LOG_STATE_DIR": str(state_dir), "ANOMSTREAM_LOG_SESSION_TIMEOUT_S": "5"}
+
+
+def log_changelog(settings, logs_env: dict[str, str]) -> str:
+    """The changelog of the log detector started with `logs_env` (see log_detector_env)."""
+    run_settings = settings.model_copy(update={"state_topic_prefix": logs_env["ANOMSTREAM_STATE_TOPIC_PREFIX"]})
+    return changelog_topic(run_settings, "logdetector", settings.topic_logs)
+
+
+def log_detector_done(settings, group: str, changelog: str, logs_end: dict[int, int]) -> bool:
     """The log detector committed every line, and its changelog holds no open session (each ended
     session is a tombstone there)."""
     committed = committed_offsets(settings, group, settings.topic_logs, logs_end)
     if any(committed.get(p, 0) < o for p, o in logs_end.items()):
         return False
-    state = restore(settings, changelog_topic(settings, "logdetector", settings.topic_logs), list(logs_end))
+    state = restore(settings, changelog, list(logs_end))
     return not any(key.startswith(b"session:") for keys in state.values() for key in keys)
+
+
+def delete_topic(settings, name: str) -> None:
+    """Delete topic `name` (KafkaException if that fails)."""
+    admin = make_admin(settings)  # referenced until the result: a client destroyed first fails its request
+    admin.delete_topics([name], operation_timeout=30)[name].result()
 
 
 def log_summary(raw_sample: Path, labels: dict[str, bool], flagged: dict[str, set[str]], settings) -> str:
@@ -142,6 +173,7 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         broker.start()
         log.info("local kafka broker ready", bootstrap=broker.bootstrap)
     procs: dict[str, subprocess.Popen] = {}
+    logs_changelog = None
     try:
         for name in (settings.model_input, settings.model_transactions):
             if not (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
@@ -224,13 +256,12 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         # Raw log lines for the log detector, once the rest is done: its load during the metric replay
         # would hold a rules partition back past the idle limit (making its messages late), and
         # during the scenario it would be a burst of traffic the broker-metrics model rightly flags.
-        # The log detector: a group, and open sessions, of this run alone (the replay repeats the
-        # same block ids every run); sessions end after 5 s of event time without a line (the
-        # labelled lines are 10 ms apart), and when the replay is over, after 5 s of quiet.
+        # The log detector: a group, templates and open sessions of this run alone (see
+        # log_detector_env); its changelog is deleted when the run is over.
         log_state = log_dir / "logdetector-state"
         shutil.rmtree(log_state, ignore_errors=True)
-        logs_env = env | {"ANOMSTREAM_LOGDETECTOR_GROUP": f"anomstream-logdetector-run-{int(time.time())}",
-                          "ANOMSTREAM_LOG_STATE_DIR": str(log_state), "ANOMSTREAM_LOG_SESSION_TIMEOUT_S": "5"}
+        logs_env = env | log_detector_env(settings, log_state, int(time.time()))
+        logs_changelog = log_changelog(settings, logs_env)
         commit_group_offsets(settings, logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], settings.topic_logs,
                              before[settings.topic_logs])
         with open(log_dir / "logdetector.log", "ab") as logdetector_log:
@@ -244,11 +275,10 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
             log_lines += send(settings, settings.topic_logs, keys, values, log=log)
         # The log detector is done when it committed every line and no session is open.
         logs_end = end_offsets(settings, settings.topic_logs)
-        wait_for(lambda: log_detector_done(settings, logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], logs_end),
+        wait_for(lambda: log_detector_done(settings, logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], logs_changelog,
+                                           logs_end),
                  timeout, "the log detector to read every line and end every session", procs)
-        anomalies_end = end_offsets(settings, settings.topic_anomalies)
-        wait_for(lambda: all(committed_offsets(settings, settings.alerter_group, settings.topic_anomalies, anomalies_end)[p] >= o
-                             for p, o in anomalies_end.items()),
+        wait_for(lambda: caught_up(settings, settings.alerter_group, settings.topic_anomalies),
                  timeout, "the alerter to handle every anomaly", procs)
 
         anomalies = records_since(settings, settings.topic_anomalies, before[settings.topic_anomalies])
@@ -308,6 +338,13 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if "logdetector" in procs:  # it stopped: the state of this run's sessions is of no further use
+            try:
+                delete_topic(settings, logs_changelog)
+                log.info("the log detector's changelog of this run deleted", topic=logs_changelog)
+            except KafkaException as exc:
+                log.warning("could not delete the log detector's changelog of this run", topic=logs_changelog,
+                            error=str(exc))
         if broker is not None:
             broker.stop()
             log.info("local kafka broker stopped")

@@ -627,7 +627,9 @@ def test_a_crash_after_the_marker_and_before_the_cooldown_write_still_keeps_the_
     assert store.partitions[0][b"cooldown:A"] == repr(T0).encode()
 
 
-def test_a_partition_revoked_while_its_alert_is_retried_is_not_marked_by_the_old_owner(make_alerter, monkeypatch):
+def test_a_partition_revoked_while_its_alert_is_retried_is_left_to_its_new_owner(make_alerter, monkeypatch):
+    """The old owner neither posts, nor marks, nor commits it: the new owner reads it from the last
+    commit and posts it once."""
     store = MemoryStore()
     with SlackTestServer() as server:
         a = make_alerter(store, slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url, alert_cooldown_s=300,
@@ -637,12 +639,17 @@ def test_a_partition_revoked_while_its_alert_is_retried_is_not_marked_by_the_old
         def flaky_post(text, blocks, channel=None):
             calls.append(channel)
             if len(calls) == 1:
-                a.processor.on_revoke([TopicPartition("anomalies", 0)])  # a rebalance served by keep_alive
+                a.loop._on_revoke(None, [TopicPartition("anomalies", 0)])  # a rebalance served by keep_alive
                 raise RuntimeError("connection reset")
             real_post(text, blocks, channel)
 
         monkeypatch.setattr(a.slack, "post", flaky_post)
         monkeypatch.setattr(alerter_module.time, "sleep", lambda s: None)
-        assert a.handle(FakeMsg(payload(series="A"), topic="anomalies", offset=4))
-    assert len(server.messages) == 1 and store.partitions[0] == {}  # the new owner's state is left alone
+        assert not a.handle(FakeMsg(payload(series="A"), topic="anomalies", offset=4)), "committed by the old owner"
+        assert len(calls) == 1 and len(server.messages) == 0  # not retried once revoked
+        assert a.stats["left_to_new_owner"] == 1 and not a.loop.stopping
+        new_owner = make_alerter(store, slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url,
+                                 alert_cooldown_s=300, topic_anomalies="anomalies")
+        assert new_owner.handle(FakeMsg(payload(series="A"), topic="anomalies", offset=4))
+    assert len(server.messages) == 1  # posted once, by the new owner
     assert a.last_alert == {}

@@ -19,11 +19,19 @@ from slack_server import VALID_TOKEN, SlackTestServer
 from models.logs.next_event import NextEventDetector
 from models.logs.render import render_sessions
 from models.logs.sessions import read_sessions_csv
+from services.jobs.run import (
+    delete_topic,
+    log_changelog,
+    log_detector_done,
+    log_detector_env,
+)
 from shared.changelog import changelog_topic, restore
 from shared.kafka import (
+    commit_group_offsets,
     committed_offsets,
     end_offsets,
     ensure_topics,
+    make_admin,
     make_producer,
     read_topic,
 )
@@ -69,6 +77,16 @@ def saved_sessions(settings) -> tuple[dict, set[str]]:
     records = restore(settings, changelog_topic(settings, "logdetector", settings.topic_logs), [0])[0]
     meta = json.loads(records.pop(b"meta"))
     return meta, {k.decode().removeprefix("session:") for k in records}
+
+
+def commit_at(settings, group: str, offsets: dict[int, int]) -> bool:
+    """Commit `offsets` of `logs` for `group` (as `anomstream run` does); False while the (fresh)
+    broker's group coordinator is not ready yet."""
+    try:
+        commit_group_offsets(settings, group, settings.topic_logs, offsets)
+    except KafkaException:
+        return False
+    return True
 
 
 def model_templates(model_dir) -> dict:
@@ -171,3 +189,61 @@ def test_logdetector_alerts_the_out_of_order_session_and_resumes_from_checkpoint
             assert f'"already_in_checkpoint": {half}' in detector.log
         else:
             assert "already_in_checkpoint" not in detector.log
+
+
+@pytest.mark.kafka
+def test_each_anomstream_run_gives_its_log_detector_state_of_its_own(pipeline_settings, services, tmp_path):
+    """`anomstream run` replays the same lines (block ids, event times) into the same `logs` topic on
+    every run. Restarted within a run, its log detector continues from the run's changelog; the next
+    run's log detector starts empty: it does not continue the earlier run's offsets and event time
+    (ahead of every line replayed again, that event time would end the sessions open at the end of
+    each batch at once, cutting them in two), and it flags the same sessions."""
+    overrides = pipeline_settings | {"log_checkpoint_interval_s": 0.5}
+    settings = as_settings(overrides)
+    ensure_topics(settings)
+    frame = read_sessions_csv(HDFS_DIR / "hdfs_100k_sessions.csv")
+    frame = frame[frame["Split"] == "test"].head(40)
+    lines = list(render_sessions(list(frame["BlockId"]), [list(s) for s in frame["events"]], step_s=0.01))
+
+    def start(logs_env: dict) -> object:
+        detector = services("logdetector", overrides, env=logs_env)
+        wait_until(lambda: "sessions restored" in detector.log, 60, "the restore log line", [detector])
+        return detector
+
+    def restored(log: str) -> dict:
+        return next(json.loads(line) for line in log.splitlines() if '"sessions restored"' in line)
+
+    def replay(run_id: int) -> tuple[dict, str, set[str]]:
+        """One run's log detector over the lines: (its environment, its log, the sessions it flagged)."""
+        logs_env = log_detector_env(settings, tmp_path / f"run-{run_id}", run_id)
+        group, changelog = logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], log_changelog(settings, logs_env)
+        begin = end_offsets(settings, settings.topic_logs)
+        anomalies_begin = end_offsets(settings, settings.topic_anomalies)
+        wait_until(lambda: commit_at(settings, group, begin), 60, "the run's group offsets committed")
+        detector = start(logs_env)
+        send(settings, [line.encode() for line in lines])
+        end = end_offsets(settings, settings.topic_logs)
+        wait_until(lambda: log_detector_done(settings, group, changelog, end), 120,
+                   "every line committed and every session ended", [detector])
+        assert detector.stop() == 0
+        flagged = {orjson.loads(m.value())["series"]
+                   for m in read_topic(settings, settings.topic_anomalies, anomalies_begin, idle=2)}
+        return logs_env, detector.log, flagged
+
+    first_env, first_log, first_flagged = replay(1)
+    assert restored(first_log)["source"] == "empty"
+    # The same run's log detector restarted: it continues from this run's changelog.
+    again = start(first_env)
+    assert again.stop() == 0
+    assert (restored(again.log)["source"], restored(again.log)["offset"]) == ("checkpoint", len(lines) - 1)
+
+    second_env, second_log, second_flagged = replay(2)
+    assert (restored(second_log)["source"], restored(second_log)["offset"]) == ("empty", -1)
+    assert second_flagged == first_flagged
+    changelogs = {log_changelog(settings, first_env), log_changelog(settings, second_env)}
+    assert len(changelogs) == 2
+    # Deleted when the run is over (each run would leave one more topic on the broker otherwise).
+    for name in changelogs:
+        delete_topic(settings, name)
+    wait_until(lambda: not changelogs & set(make_admin(settings).list_topics(timeout=10).topics), 30,
+               "the changelogs deleted")

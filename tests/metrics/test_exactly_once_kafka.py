@@ -4,7 +4,8 @@ Under read_committed, `scores` must hold exactly one record per input -- 0 lost,
 and every score must equal the score of an uninterrupted run over the same input (the per-series
 state continues exactly: no series learns again), after:
 - the whole detector (supervisor and workers) SIGKILLed twice mid-stream and restarted (on a
-  broker of its own; a SIGKILL of the broker mid-stream is not covered yet: issue 14 is open on it);
+  broker of its own);
+- the broker SIGKILLed mid-stream and restarted (the detector and the feeder keep running);
 - a scale-out mid-stream from 1 worker to 3 (a second detector joins the group) and back.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import orjson
 import pytest
@@ -108,8 +110,10 @@ def kill_detector(detector) -> None:
     wait_until(lambda: not any(running(pid) for pid in workers), 20, "the killed workers gone")
 
 
-@pytest.mark.kafka
-def test_two_kills_of_the_whole_detector_lose_and_duplicate_nothing(model_dir, tmp_path, services):
+@pytest.fixture
+def own_broker(model_dir, tmp_path):
+    """A broker of the test's own (it is killed), the detector's settings on it, and the expected
+    scores of the input a paced feeder starts producing when the test calls `feed()`."""
     broker = LocalBroker(tmp_path / "broker", port=free_port(), controller_port=free_port())
     broker.start()
     try:
@@ -119,21 +123,46 @@ def test_two_kills_of_the_whole_detector_lose_and_duplicate_nothing(model_dir, t
         settings = as_settings(overrides)
         ensure_topics(settings)
         frame = input_frame()
-        expected = reference(model_dir, frame)
-        feeder = produce_paced(settings, frame, rate=700)
-        detector = services("detector", overrides)
-        for kill_at in (1500, 3500):
-            wait_until(lambda: scored(settings) >= kill_at, 240, f"{kill_at} scores", [detector])
-            kill_detector(detector)
-            detector = services("detector", overrides)
-        feeder.join(300)
-        assert not feeder.is_alive()
-        wait_until(lambda: all_inputs_committed(settings), 300, "every input committed", [detector])
-        check_scores(settings, expected)
-        assert "series state restored" in detector.log
-        assert detector.stop() == 0
+        yield broker, overrides, settings, reference(model_dir, frame), lambda: produce_paced(settings, frame, 700)
     finally:
         broker.stop()
+
+
+def finish(settings, detector, feeder, expected) -> None:
+    """The feeder done, every input committed, one score per input equal to the uninterrupted run's."""
+    feeder.join(300)
+    assert not feeder.is_alive()
+    wait_until(lambda: all_inputs_committed(settings), 300, "every input committed", [detector])
+    check_scores(settings, expected)
+
+
+@pytest.mark.kafka
+def test_two_kills_of_the_whole_detector_lose_and_duplicate_nothing(own_broker, services):
+    broker, overrides, settings, expected, feed = own_broker
+    feeder = feed()
+    detector = services("detector", overrides)
+    for kill_at in (1500, 3500):
+        wait_until(lambda: scored(settings) >= kill_at, 240, f"{kill_at} scores", [detector])
+        kill_detector(detector)
+        detector = services("detector", overrides)
+    finish(settings, detector, feeder, expected)
+    assert "series state restored" in detector.log
+    assert detector.stop() == 0
+
+
+@pytest.mark.kafka
+def test_a_sigkill_of_the_broker_mid_stream_loses_and_duplicates_nothing(own_broker, services):
+    broker, overrides, settings, expected, feed = own_broker
+    feeder = feed()
+    detector = services("detector", overrides)
+    wait_until(lambda: scored(settings) >= 2500, 240, "2500 scores", [detector])
+    broker.kill()
+    time.sleep(8)  # the detector and the feeder go on against a dead broker
+    assert detector.alive()
+    broker.start()
+    finish(settings, detector, feeder, expected)
+    assert "worker died" not in detector.log
+    assert detector.stop() == 0
 
 
 @pytest.mark.kafka

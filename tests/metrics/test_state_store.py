@@ -61,9 +61,13 @@ def test_dirty_partition_and_idle():
     a = s.slots(["a", "b"], partition=[0, 1], event_time=[100.0, 200.0])
     assert sorted(s.take_dirty().tolist()) == sorted(a.tolist()) and len(s.take_dirty()) == 0
     np.testing.assert_array_equal(s.in_partitions([1]), [a[1]])
+    assert len(s.idle(before=150.0)) == 0, "idle but with no stored copy yet: kept"
+    s.stored_at[a] = [7, 8]  # their changelog records were acknowledged
     np.testing.assert_array_equal(s.idle(before=150.0), [a[0]])
     s.slots(["a"], partition=0, event_time=[300.0])
     assert len(s.idle(before=150.0)) == 0, "changed (not yet written) or recent: not idle"
+    s.drop([a[0]])
+    assert s.stored_at[a[0]] == -1, "a dropped slot forgets where its copy was"
 
 
 @pytest.fixture(scope="module")

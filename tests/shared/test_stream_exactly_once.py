@@ -25,12 +25,16 @@ from stream_worker import Mapper
 from shared.app_logging import setup_logging
 from shared.kafka import (
     FencedError,
+    caught_up,
     client_config,
+    commit_group_offsets,
     committed_offsets,
+    end_offsets,
     ensure_topics,
     make_admin,
     make_producer,
     read_topic,
+    record_ends,
 )
 from shared.stream import StreamLoop
 
@@ -150,6 +154,18 @@ def in_process_loop(t, processor, **settings) -> StreamLoop:
     return StreamLoop(s, processor, t["group"], setup_logging(s, "mapper"))
 
 
+def run_until_all_committed(loop: StreamLoop, settings, t) -> None:
+    """Run the loop in a thread until the group committed every input, then stop it."""
+    worker = threading.Thread(target=loop.run)
+    worker.start()
+    try:
+        wait_until(lambda: all_committed(settings, t), 120, "every input committed")
+    finally:
+        loop.stopping = True
+        worker.join(60)
+    assert not worker.is_alive()
+
+
 def consume_some(loop: StreamLoop, at_least: int) -> list:
     loop.consumer.subscribe([loop.processor.inputs], on_assign=loop._on_assign, on_revoke=loop._on_revoke)
     got, deadline = [], time.monotonic() + 60
@@ -180,13 +196,7 @@ def test_a_zombie_is_fenced_by_its_successor_and_its_outputs_are_never_visible(t
     zombie.consumer.close()  # its revoke commits nothing
     assert outputs(settings, t["out"]) == Counter()
     assert committed_offsets(settings, t["group"], t["in"], range(PARTITIONS)) == {0: 0, 1: 0}
-    worker = threading.Thread(target=successor.run)
-    worker.start()
-    try:
-        wait_until(lambda: all_committed(settings, t), 120, "the successor to commit every input")
-    finally:
-        successor.stopping = True
-        worker.join(60)
+    run_until_all_committed(successor, settings, t)
     counts = outputs(settings, t["out"])
     assert set(counts) == inputs(settings, t) and set(counts.values()) == {1}
 
@@ -203,17 +213,69 @@ def test_a_transaction_the_broker_makes_abortable_is_aborted_and_its_inputs_proc
     ensure_topics(settings, {small: PARTITIONS})
     processor = Mapper(t["in"], small, refuse_once=7, big=4000)
     loop = in_process_loop(t, processor, batch_size=25)
-    worker = threading.Thread(target=loop.run)
-    worker.start()
-    try:
-        wait_until(lambda: all_committed(settings, t), 120, "every input committed")
-    finally:
-        loop.stopping = True
-        worker.join(60)
-    assert not worker.is_alive()
+    run_until_all_committed(loop, settings, t)
     assert loop.stats["transactions_aborted"] >= 1 and loop.stats["rewinds"] >= 1
     assert processor.revoked >= 1 and processor.assigned >= 2  # state dropped and loaded again
     processed = Counter(processor.seen)
     assert any(c > 1 for c in processed.values())  # the aborted transaction's inputs came again
     counts = outputs(settings, small)
     assert set(counts) == inputs(settings, t) and set(counts.values()) == {1}  # exactly once, the refused one too
+
+
+class HangingOnce:
+    """The loop's producer, whose first send_offsets_to_transaction never returns, as librdkafka's
+    did after a broker restart (it ignores the call's timeout: librdkafka issues #5456, #5511)."""
+
+    def __init__(self, producer):
+        self.producer = producer
+        self.release = threading.Event()  # set at the end of the test: the abandoned thread ends
+
+    def send_offsets_to_transaction(self, *args):
+        self.release.wait()
+
+    def __len__(self) -> int:
+        return len(self.producer)
+
+    def __getattr__(self, name):
+        return getattr(self.producer, name)
+
+
+def test_a_transactional_call_that_never_returns_abandons_the_producer_and_loses_and_duplicates_nothing(
+        topics, monkeypatch):
+    t = topics
+    settings = as_settings(t["settings"])
+    monkeypatch.setattr("shared.stream.TXN_HUNG_AFTER_S", 2.0)
+    processor = Mapper(t["in"], t["out"])
+    loop = in_process_loop(t, processor, batch_size=25)
+    hanging = HangingOnce(loop.producer.producer)
+    loop.producer.producer = hanging
+    try:
+        run_until_all_committed(loop, settings, t)
+    finally:
+        hanging.release.set()
+    assert loop.stats["producers_renewed"] == 1 and loop.stats["rewinds"] >= 1
+    assert loop.producer.producer is not hanging  # a new producer with the same transactional.id took over
+    counts = outputs(settings, t["out"])
+    assert set(counts) == inputs(settings, t) and set(counts.values()) == {1}
+
+
+def test_record_ends_are_past_the_last_visible_record_not_at_the_commit_marker(topics):
+    """A consumer that read everything commits the offset after the last record; under transactions
+    the end offset is further on (the commit marker), so `caught_up` compares with record_ends."""
+    t = topics
+    settings = as_settings(t["settings"])
+    topic = f"{t['out']}_ends"
+    ensure_topics(settings, {topic: 1})
+    producer = make_producer(settings, **{"transactional.id": f"ends-{uuid.uuid4().hex[:6]}"})
+    producer.init_transactions(30)
+    for commit in (True, False):  # three records committed, then two aborted
+        producer.begin_transaction()
+        for i in range(3 if commit else 2):
+            producer.produce(topic, f"r{i}".encode())
+        producer.flush(30)
+        (producer.commit_transaction if commit else producer.abort_transaction)(30)
+    assert end_offsets(settings, topic) == {0: 7}  # 3 records, a marker, 2 aborted records, a marker
+    assert record_ends(settings, topic) == {0: 3}
+    assert not caught_up(settings, t["group"], topic)
+    commit_group_offsets(settings, t["group"], topic, {0: 3})
+    assert caught_up(settings, t["group"], topic)

@@ -91,7 +91,7 @@ def test_the_alerter_rides_out_a_slack_outage_longer_than_max_poll_interval(pipe
         assert alerter.stop() == 0
 
 
-@pytest.mark.parametrize("delivery", ["at_least_once"])  # exactly_once: issue 14, still open
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
 def test_a_broker_outage_longer_than_the_delivery_timeout_delays_scoring_and_crashes_nothing(
         model_dir, tmp_path, services, delivery):
     """A broker of this test alone, stopped for 20 s while the detector scores a backlog, with
