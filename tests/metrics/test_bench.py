@@ -51,7 +51,7 @@ def test_sweep_only_reports_each_series_count(model_dir, tmp_path):
     for key in ("us_per_msg_by_series", "wall_us_per_msg_by_series"):
         assert set(out[key]) == {"8", "300"}, key
         assert all(v > 0 for v in out[key].values()), out[key]
-    assert 0 < out["state_bytes_per_series"] <= 2304  # default set: 2,243 B (README, "Detection quality")
+    assert 0 < out["state_bytes_per_series"] <= 2048  # the default set (README, "Detection quality")
     assert out["rss_series"] == 300 and out["rss_bytes_per_series"] is not None
     assert out["sweep_cost_ratio"] == pytest.approx(out["us_per_msg_by_series"]["300"]
                                                     / out["us_per_msg_by_series"]["8"], rel=0.01)

@@ -108,10 +108,10 @@ def test_state_is_bounded_per_series(ec2_cpu):
     scorer = Scorer(ec2_cpu)
     # The default set: windows, robust z-score, seasonal, three likelihood stages and the default
     # ensemble's quiet counter: 2,243 bytes (README, "Detection quality").
-    assert scorer.store.bytes_per_series <= 2304
+    assert scorer.store.bytes_per_series <= 2048
     series, t, values = stream(n=20_000, n_series=2)
     scorer.score(series, t, values)
-    assert scorer.store.bytes_per_series <= 2304 and len(scorer.store) == 2
+    assert scorer.store.bytes_per_series <= 2048 and len(scorer.store) == 2
 
 
 def test_likelihood_history_past_its_length_stays_close_to_the_exact_window():
