@@ -60,7 +60,9 @@ def setup_logging(settings: Settings, service: str) -> structlog.stdlib.BoundLog
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, settings.log_level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per record, newline included: processes that share stderr (a detector and its
+        # workers) cannot glue two records onto one line, as print()'s two writes let them.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger(service=service)

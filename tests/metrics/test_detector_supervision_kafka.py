@@ -39,7 +39,24 @@ def group_members(settings, group: str) -> list:
 
 
 def log_lines(log: str, event: str) -> list[dict]:
-    return [json.loads(line) for line in log.splitlines() if f'"event": "{event}"' in line]
+    """The JSON records of `event`. The three workers and the libraries in them (librdkafka,
+    TensorFlow) write to one file, and another process's text can land on the same line before or
+    after a record: each record is decoded from where it starts."""
+    decoder, records = json.JSONDecoder(), []
+    for line in log.splitlines():
+        if f'"event": "{event}"' not in line:
+            continue
+        start = line.find('{"')
+        while start >= 0:
+            try:
+                record, end = decoder.raw_decode(line, start)
+            except ValueError:
+                start = line.find('{"', start + 1)
+                continue
+            if isinstance(record, dict) and record.get("event") == event:
+                records.append(record)
+            start = line.find('{"', end)
+    return records
 
 
 @pytest.mark.kafka

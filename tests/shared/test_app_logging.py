@@ -100,3 +100,21 @@ def test_values_without_secrets_are_unchanged(capsys, fmt):
     log.info("plain", error=ValueError("nothing to hide"), count=5)
     err = capsys.readouterr().err
     assert "nothing to hide" in err and REDACTED not in err
+
+
+def test_processes_sharing_stderr_never_glue_two_records_onto_one_line(tmp_path):
+    """A detector's workers inherit its stderr: each record must reach it in one write."""
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT
+
+    script = ("from shared.app_logging import setup_logging; from shared.config import Settings\n"
+              "log = setup_logging(Settings(), 'w')\n"
+              "for i in range(3000): log.info('tick', i=i)\n")
+    path = tmp_path / "shared.log"
+    with open(path, "wb") as out:  # one open file, as the test harness and a container's stderr give
+        procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stderr=out) for _ in range(3)]
+        assert all(p.wait(60) == 0 for p in procs)
+    records = json_lines(path.read_text())
+    assert len(records) == 9000 and all(r["event"] == "tick" for r in records)
