@@ -14,9 +14,11 @@ all it started.
 
 The rules service gets a consumer group and run history of this run alone, starting at the
 topics' ends: the replay repeats the same event times on every run, which a long-lived rules
-service would rightly call late. Likewise the log detector gets a consumer group, drain3 folder
-and state changelog of this run alone (log_detector_env), so that it does not continue the open
-sessions and event time of an earlier run on the same broker; its changelog is deleted at the end.
+service would rightly call late. Likewise every service keeps its state in changelogs of this run
+alone (run_state_prefix), deleted at the end, so that the detector does not continue the series and
+K-Means state of an earlier run on the same broker, nor the log detector its open sessions and
+event time; the log detector also gets a consumer group and drain3 folder of this run alone
+(log_detector_env).
 """
 
 from __future__ import annotations
@@ -104,6 +106,14 @@ def render_labelled_log(settings, out: Path) -> dict[str, bool]:
     return dict(zip(frame["BlockId"], frame["y"].astype(bool)))
 
 
+def run_state_prefix(settings, run_id: int) -> str:
+    """The state changelogs' topic prefix of run `run_id`: every service of a run keeps its state
+    (series, K-Means, log sessions, the alerter's markers) in changelogs of that run alone. The
+    replay sends the same points again on every run: with an earlier run's state the detector would
+    rightly continue those series (as after a restart) and see them go back in time."""
+    return f"{settings.state_topic_prefix}-run-{run_id}"
+
+
 def log_detector_env(settings, state_dir: Path, run_id: int) -> dict[str, str]:
     """The log detector's settings for run `run_id`: a consumer group, a drain3 folder and a state
     changelog (ANOMSTREAM_STATE_TOPIC_PREFIX) of this run alone. The replay repeats the same block
@@ -114,7 +124,7 @@ def log_detector_env(settings, state_dir: Path, run_id: int) -> dict[str, str]:
     without a line (the labelled lines are 10 ms apart), and when the replay is over, after 5 s of
     quiet."""
     return {"ANOMSTREAM_LOGDETECTOR_GROUP": f"anomstream-logdetector-run-{run_id}",
-            "ANOMSTREAM_STATE_TOPIC_PREFIX": f"{settings.state_topic_prefix}-run-{run_id}",
+            "ANOMSTREAM_STATE_TOPIC_PREFIX": run_state_prefix(settings, run_id),
             "ANOMSTREAM_LOG_STATE_DIR": str(state_dir), "ANOMSTREAM_LOG_SESSION_TIMEOUT_S": "5"}
 
 
@@ -138,6 +148,15 @@ def delete_topic(settings, name: str) -> None:
     """Delete topic `name` (KafkaException if that fails)."""
     admin = make_admin(settings)  # referenced until the result: a client destroyed first fails its request
     admin.delete_topics([name], operation_timeout=30)[name].result()
+
+
+def delete_run_state(settings, prefix: str) -> list[str]:
+    """Delete the state changelogs of a finished run (those named `<prefix>-...`); returns them."""
+    admin = make_admin(settings)
+    names = [t for t in admin.list_topics(timeout=30).topics if t.startswith(f"{prefix}-")]
+    for name in names:
+        delete_topic(settings, name)
+    return names
 
 
 def log_summary(raw_sample: Path, labels: dict[str, bool], flagged: dict[str, set[str]], settings) -> str:
@@ -173,7 +192,6 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         broker.start()
         log.info("local kafka broker ready", bootstrap=broker.bootstrap)
     procs: dict[str, subprocess.Popen] = {}
-    logs_changelog = None
     try:
         for name in (settings.model_input, settings.model_transactions):
             if not (ModelSet.folder(settings.model_dir, name) / "manifest.json").exists():
@@ -192,7 +210,9 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
 
         log_dir = settings.home / "run"
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = os.environ | {"ANOMSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+        run_id = int(time.time())
+        env = os.environ | {"ANOMSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+                            "ANOMSTREAM_STATE_TOPIC_PREFIX": run_state_prefix(settings, run_id)}
         with open(log_dir / "detector.log", "ab") as detector_log:
             procs["detector"] = subprocess.Popen([sys.executable, "-m", "services.detector"],
                                                  env=env, stdout=detector_log, stderr=subprocess.STDOUT)
@@ -260,7 +280,7 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         # log_detector_env); its changelog is deleted when the run is over.
         log_state = log_dir / "logdetector-state"
         shutil.rmtree(log_state, ignore_errors=True)
-        logs_env = env | log_detector_env(settings, log_state, int(time.time()))
+        logs_env = env | log_detector_env(settings, log_state, run_id)
         logs_changelog = log_changelog(settings, logs_env)
         commit_group_offsets(settings, logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], settings.topic_logs,
                              before[settings.topic_logs])
@@ -338,13 +358,12 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if "logdetector" in procs:  # it stopped: the state of this run's sessions is of no further use
+        if procs:  # they stopped: the state of this run's replay is of no further use
+            prefix = run_state_prefix(settings, run_id)
             try:
-                delete_topic(settings, logs_changelog)
-                log.info("the log detector's changelog of this run deleted", topic=logs_changelog)
+                log.info("the state changelogs of this run deleted", topics=delete_run_state(settings, prefix))
             except KafkaException as exc:
-                log.warning("could not delete the log detector's changelog of this run", topic=logs_changelog,
-                            error=str(exc))
+                log.warning("could not delete the state changelogs of this run", prefix=prefix, error=str(exc))
         if broker is not None:
             broker.stop()
             log.info("local kafka broker stopped")
