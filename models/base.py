@@ -2,7 +2,8 @@
 
 Hyper-parameters go in __init__; fit(history) learns from a FeatureBatch; score(batch) returns one
 float per row, higher = more anomalous; decide(scores) applies the learned threshold; save/load
-write and read one folder. Detectors that keep state across batches (streaming ones) update it
+write and read one folder. A detector that has an idea of what each point should have been (a
+forecast, a median) also returns it from score_expected(batch), so an alert can say why. Detectors that keep state across batches (streaming ones) update it
 inside score(), in row order, and return a fresh instance from for_stream().
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,20 @@ class ArtifactError(RuntimeError):
     """A model artifact is missing or does not match what the code expects; names the file."""
 
 
+@dataclass
+class Expectation:
+    """Per row: the quantity a detector compared (`observed`: the value, or a recent average), what
+    it expected (`center`) and the range around it inside which the detector alone would not flag
+    (`low`, `high`); NaN where it had no expectation yet (still learning). `what` names `observed`
+    for a person ("value", "10-point average")."""
+
+    observed: np.ndarray
+    center: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    what: str = "value"
+
+
 class Detector(ABC):
     name: str = "detector"
     threshold: float = float("inf")
@@ -32,6 +48,11 @@ class Detector(ABC):
 
     @abstractmethod
     def score(self, batch: FeatureBatch) -> np.ndarray: ...
+
+    def score_expected(self, batch: FeatureBatch) -> tuple[np.ndarray, Expectation | None]:
+        """score(batch), and what the detector expected of each row where it has an expectation
+        (None for a detector without one, e.g. IsolationForest)."""
+        return self.score(batch), None
 
     def for_stream(self) -> "Detector":
         """The instance one stream (one Scorer) scores with. A detector that keeps per-series state

@@ -33,10 +33,12 @@ real level shift all the same: each clipped point widens the bound.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 from numba import njit
 
+from models.base import Expectation
 from models.state import SeriesState, private_slots
 
 LOG_1E_10 = math.log(1e-10)
@@ -88,6 +90,14 @@ class AnomalyLikelihood:
                slots: np.ndarray | None = None) -> np.ndarray:
         """Log-likelihood in [0, 1] for each row, in row order within each series. `store`/`slots`:
         the shared store and each row's slot (the Scorer's); without them, a store of its own."""
+        return self.update_expected(series, raw, epoch_s, store, slots)[0]
+
+    def update_expected(self, series, raw, epoch_s=None, store: SeriesState | None = None,
+                        slots: np.ndarray | None = None) -> tuple[np.ndarray, Expectation]:
+        """update(), and per row the moving average of the raw scores it tested, the mean of the
+        history's averages and the range around it that is not a red tail (mean +- z * std, with
+        z the normal quantile of the red tail: 4.26 for 1e-5); NaN while learning. For the "value"
+        source this is the series' normal range of its recent average."""
         raw = np.clip(np.nan_to_num(np.asarray(raw, dtype=np.float64), nan=0.0), -RAW_LIMIT, RAW_LIMIT)
         if store is None:
             store, slots = private_slots(self, self.state_fields(), self.schema(),
@@ -96,18 +106,20 @@ class AnomalyLikelihood:
         times = np.zeros(len(raw)) if epoch_s is None else np.asarray(epoch_s, dtype=np.float64)
         period = self.recurrence_period_s if (epoch_s is not None and self.recurrence_period_s) else 0.0
         out = np.empty(len(raw))
-        _likelihood_rows(np.asarray(slots, np.int64), raw, times, out,
+        average, mean, std = (np.full(len(raw), np.nan) for _ in range(3))
+        _likelihood_rows(np.asarray(slots, np.int64), raw, times, out, average, mean, std,
                          a[f"{p}.seen"], a[f"{p}.raw"], a[f"{p}.ref"], a[f"{p}.sum"], a[f"{p}.sumsq"],
                          a[f"{p}.red"], a[f"{p}.alarms"], a[f"{p}.n_alarms"],
                          self.avg_window, self.block_size, self.learning_period, self.min_history,
                          self.red, self.yellow, self.clip_sigmas, self.clip_after, float(period),
                          float(self.recurrence_tolerance_s), self.threshold)
-        return out
+        z = NormalDist().inv_cdf(1.0 - self.red)
+        return out, Expectation(average, mean, mean - z * std, mean + z * std, f"{self.avg_window}-point average")
 
 
 @njit(cache=True, nogil=True)
-def _likelihood_rows(slots, raw, times, out, seen, ring, ref, bsum, bsumsq, prev_red, alarms, n_alarms,
-                     w, block_size, learning_period, min_history, red_tail, yellow, clip_sigmas, clip_after,
+def _likelihood_rows(slots, raw, times, out, average_out, mean_out, std_out, seen, ring, ref, bsum, bsumsq,
+                     prev_red, alarms, n_alarms, w, block_size, learning_period, min_history, red_tail, yellow, clip_sigmas, clip_after,
                      period, tol, threshold):
     n_blocks = bsum.shape[1]
     n_ring = ring.shape[1]
@@ -149,6 +161,9 @@ def _likelihood_rows(slots, raw, times, out, seen, ring, ref, bsum, bsumsq, prev
         tail = 0.5
         if n >= min_history and k >= learning_period:
             z = abs(avg_raw - mean) / std
+            average_out[i] = avg_raw
+            mean_out[i] = mean
+            std_out[i] = std
             tail = 0.5 * math.erfc(z / math.sqrt(2.0))
             if math.isnan(tail):
                 tail = 0.5

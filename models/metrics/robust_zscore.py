@@ -8,6 +8,9 @@ fill blocks of `block` values; each full block is replaced by its median, and th
 last window/block block medians stands for the median of the last `window` points. Until the first
 block is full the median of the points so far is used (exact). The same for the deviations. About
 600 bytes per series instead of two 576-value windows (9 KB).
+
+Its expectation (for an alert): the moving median, and the range of `threshold` scaled MADs
+around it inside which the detector would not flag.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from models.base import Detector, read_json, write_json
+from models.base import Detector, Expectation, read_json, write_json
 from models.metrics.features import FeatureBatch
 from models.state import private_slots
 
@@ -54,18 +57,23 @@ class RobustZScoreDetector(Detector):
         return repr(sorted(self.params.items()))
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
+        return self.score_expected(batch)[0]
+
+    def score_expected(self, batch: FeatureBatch) -> tuple[np.ndarray, Expectation]:
         store, slots = batch.store, batch.slots
         if store is None or f"{self.name}.value.open" not in store.arrays:
             store, slots = private_slots(self, self.state_fields(), self.schema(), batch.series)
         a, p = store.arrays, self.name
         out = np.empty(len(batch))
-        _robust_z_rows(np.asarray(slots, np.int64), np.asarray(batch.values, np.float64), out,
+        values = np.asarray(batch.values, np.float64)
+        median, scale = np.full(len(out), np.nan), np.full(len(out), np.nan)
+        _robust_z_rows(np.asarray(slots, np.int64), values, out, median, scale,
                        a[f"{p}.value.open"], a[f"{p}.value.n_open"], a[f"{p}.value.medians"],
                        a[f"{p}.value.n_full"], a[f"{p}.value.median"],
                        a[f"{p}.deviation.open"], a[f"{p}.deviation.n_open"], a[f"{p}.deviation.medians"],
                        a[f"{p}.deviation.n_full"], a[f"{p}.deviation.median"],
                        self.params["min_points"], float(self.params["cap"]))
-        return out
+        return out, Expectation(values, median, median - self.threshold * scale, median + self.threshold * scale)
 
     def save(self, folder: Path) -> None:
         write_json(folder / "robust_zscore.json", {"params": self.params})
@@ -97,7 +105,7 @@ def _push(s, x, open_, n_open, medians, n_full, median):
 
 
 @njit(cache=True, nogil=True)
-def _robust_z_rows(slots, values, out, v_open, v_n, v_med, v_full, v_median,
+def _robust_z_rows(slots, values, out, median_out, scale_out, v_open, v_n, v_med, v_full, v_median,
                    d_open, d_n, d_med, d_full, d_median, min_points, cap):
     for i in range(len(slots)):
         s = slots[i]
@@ -110,7 +118,9 @@ def _robust_z_rows(slots, values, out, v_open, v_n, v_med, v_full, v_median,
             mad = _median_before(s, d_open, d_n, d_med, d_full, d_median, min_points)
             _push(s, deviation, d_open, d_n, d_med, d_full, d_median)
             if not np.isnan(mad):
-                z = deviation / (1.4826 * mad + 1e-9)
+                median_out[i] = median
+                scale_out[i] = 1.4826 * mad + 1e-9
+                z = deviation / scale_out[i]
                 if np.isnan(z):
                     z = 0.0
         # One extreme point is one of `window` values and deviations: the medians do not move.

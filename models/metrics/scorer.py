@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.base import Expectation
 from models.metrics.ensemble import Ensemble
+from models.metrics.explain import explain
 from models.metrics.features import SeriesWindows, build_batch
 from models.metrics.likelihood import AnomalyLikelihood
 from models.metrics.model_set import ModelSet
@@ -22,6 +24,8 @@ class ScoreResult:
     scores: dict[str, np.ndarray]  # detector name -> raw score (higher = more anomalous)
     flags: dict[str, np.ndarray]  # detector name -> bool
     is_anomaly: np.ndarray
+    # Anomalous row -> why (deciding outputs, how unusual, what was expected): models.metrics.explain.
+    why: dict[int, dict]
 
 
 def combine(flags: dict[str, np.ndarray], rule: str) -> np.ndarray:
@@ -67,13 +71,24 @@ class Scorer:
         state so that the state can be written to and dropped with that partition."""
         slots = self.store.slots(series, partition, epoch_s)
         batch = build_batch(self.model_set.scaler, self.windows, series, epoch_s, values, self.store, slots)
-        scores = {name: det.score(batch) for name, det in self.detectors.items()}
+        scores, expectations = {}, {}
+        for name, det in self.detectors.items():
+            scores[name], expected = det.score_expected(batch)
+            if expected is not None:
+                expectations[name] = expected
         flags = {name: self.detectors[name].decide(s) for name, s in scores.items()}
         for src, stage in self.likelihood.items():
             name = f"{src}_likelihood"
-            scores[name] = stage.update(batch.series, batch.values if src == "value" else scores[src],
-                                        batch.timestamps, self.store, slots)
+            scores[name], expected = stage.update_expected(
+                batch.series, batch.values if src == "value" else scores[src], batch.timestamps, self.store, slots)
             flags[name] = scores[name] >= stage.threshold
+            # The value's own likelihood expects a range of its recent average; a detector's
+            # likelihood is explained by what that detector expected (e.g. the seasonal forecast).
+            own: Expectation | None = expected if src == "value" else expectations.get(src)
+            if own is not None:
+                expectations[name] = own
         for name, ens in self.ensembles.items():
             scores[name], flags[name] = ens.decide(batch.series, scores, self.store, slots)
-        return ScoreResult(scores, flags, combine({n: flags[n] for n in self.decision}, self.rule))
+        is_anomaly = combine({n: flags[n] for n in self.decision}, self.rule)
+        why = explain(np.flatnonzero(is_anomaly), self.decision, scores, flags, expectations, self.ensembles)
+        return ScoreResult(scores, flags, is_anomaly, why)

@@ -11,6 +11,9 @@ exponential smoothing. What the state keeps of a point is clipped to `clip` mean
 around the forecast, so one extreme point (1e308) raises its score but does not blow the state
 up; a real level shift is still followed (each clipped point moves the level by alpha * clip mae).
 
+Its expectation (for an alert): the forecast, and the range of `threshold` mean absolute errors
+around it inside which the detector alone would not flag.
+
 State per series: 48 float32 offsets and 4 float64s, about 230 bytes.
 """
 
@@ -21,6 +24,7 @@ import math
 import numpy as np
 from numba import njit
 
+from models.base import Expectation
 from models.metrics.streaming import StreamingDetector, skipped
 
 
@@ -37,14 +41,18 @@ class SeasonalResidualDetector(StreamingDetector):
 
     def _score(self, a, slots, batch, out):
         p = self.params
-        _seasonal_rows(slots, np.asarray(batch.values, np.float64), np.asarray(batch.timestamps, np.float64),
-                       out, a["season"], a["level"], a["mae"], a["n"], float(p["period_s"]), float(p["alpha"]),
-                       float(p["gamma"]), float(p["beta"]), int(p["min_points"]), float(p["clip"]), float(p["cap"]))
+        values = np.asarray(batch.values, np.float64)
+        forecast, mae = np.full(len(out), np.nan), np.full(len(out), np.nan)
+        _seasonal_rows(slots, values, np.asarray(batch.timestamps, np.float64),
+                       out, forecast, mae, a["season"], a["level"], a["mae"], a["n"], float(p["period_s"]),
+                       float(p["alpha"]), float(p["gamma"]), float(p["beta"]), int(p["min_points"]),
+                       float(p["clip"]), float(p["cap"]))
+        return Expectation(values, forecast, forecast - self.threshold * mae, forecast + self.threshold * mae)
 
 
 @njit(cache=True, nogil=True)
-def _seasonal_rows(slots, values, times, out, season, level, mae, n, period, alpha, gamma, beta, min_points,
-                   clip, cap):
+def _seasonal_rows(slots, values, times, out, forecast_out, mae_out, season, level, mae, n, period, alpha,
+                   gamma, beta, min_points, clip, cap):
     bins = season.shape[1]
     for i in range(len(slots)):
         s = slots[i]
@@ -67,6 +75,8 @@ def _seasonal_rows(slots, values, times, out, season, level, mae, n, period, alp
         score = 0.0
         if k >= min_points:
             score = min(abs(r) / (mae[s] + 1e-9 * (1.0 + abs(level[s]))), cap)
+            forecast_out[i] = forecast
+            mae_out[i] = mae[s]
         out[i] = score
         # Learn the point, clipped to clip mean errors around the forecast (module doc).
         if k >= min_points and mae[s] > 0.0:

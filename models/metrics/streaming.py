@@ -4,7 +4,7 @@ state fields in the batch's state store (or a store of their own when used alone
 
 A subclass sets `name`, `defaults` (hyper-parameter -> default) and `threshold`, and implements
 `state_fields()` and `_score(arrays, slots, batch, out)`, a call of its numba kernel over the
-batch's rows.
+batch's rows, which returns the rows' Expectation if the detector has one (else None).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from models.base import Detector, read_json, write_json
+from models.base import Detector, Expectation, read_json, write_json
 from models.metrics.features import FeatureBatch
 from models.state import private_slots
 
@@ -46,16 +46,20 @@ class StreamingDetector(Detector):
         return f"{self.name}.{part}"
 
     def score(self, batch: FeatureBatch) -> np.ndarray:
+        return self.score_expected(batch)[0]
+
+    def score_expected(self, batch: FeatureBatch) -> tuple[np.ndarray, Expectation | None]:
         store, slots = batch.store, batch.slots
         first = next(iter(self.state_fields()))
         if store is None or first not in store.arrays:
             store, slots = private_slots(self, self.state_fields(), self.schema(), batch.series)
         arrays = {name[len(self.name) + 1:]: store.arrays[name] for name in self.state_fields()}
         out = np.empty(len(batch))
-        self._score(arrays, np.asarray(slots, np.int64), batch, out)
-        return out
+        expectation = self._score(arrays, np.asarray(slots, np.int64), batch, out)
+        return out, expectation
 
-    def _score(self, arrays: dict, slots: np.ndarray, batch: FeatureBatch, out: np.ndarray) -> None:
+    def _score(self, arrays: dict, slots: np.ndarray, batch: FeatureBatch,
+               out: np.ndarray) -> Expectation | None:
         raise NotImplementedError
 
     def save(self, folder: Path) -> None:

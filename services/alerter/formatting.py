@@ -10,22 +10,63 @@ from shared.records.metrics import ScoreRecord
 from shared.records.rules import RuleFiringRecord
 
 DETECTOR_LABELS = {"if_anomaly": "IsolationForest", "lstm_anomaly": "LSTM autoencoder"}
+# What a person reads for an output name (others: the name with spaces).
+OUTPUT_LABELS = {"value_likelihood": "value likelihood", "seasonal": "seasonal forecast",
+                 "seasonal_likelihood": "seasonal forecast likelihood", "robust_zscore": "robust z-score",
+                 "robust_zscore_likelihood": "robust z-score likelihood", "isolation_forest": "IsolationForest",
+                 "lstm_autoencoder": "LSTM autoencoder", "contextual": "contextual (CAD OSE-like)",
+                 "art": "adaptive resonance (ARTime-like)", "knn": "conformal kNN"}
+ALARM_TAIL = 1e-5  # the likelihood stage's alarm threshold, as a tail probability
+
+
+def output_label(name: str) -> str:
+    return OUTPUT_LABELS.get(name, name.replace("_", " "))
+
+
+def one_in(p: float) -> str:
+    """A tail probability as a person reads it: 2.3e-7 -> '1 in 4,300,000'."""
+    n = 1.0 / p
+    digits = max(len(f"{n:.0f}") - 2, 0)  # two significant figures
+    return f"1 in {round(n, -digits):,.0f}"
+
+
+def _why_lines(rec: ScoreRecord) -> tuple[str, list[str]]:
+    """(short reason for the text line, Block Kit fields) from the record's explanation."""
+    why = rec.why
+    if why is None:  # a record from before explanations, or a seed decision: what flagged, IF/LSTM scores
+        fired = [name for name in rec.decision if rec.flags.get(name)] or [
+            label for field, label in DETECTOR_LABELS.items() if getattr(rec, field)] or ["combined rule"]
+        return f"{', '.join(fired)} fired", [
+            f"*Fired*\n{', '.join(fired)}",
+            f"*Scores*\nIF {rec.if_score:.3f} · LSTM error {rec.reconstruction_error:.3f}"]
+    deciding = " + ".join(output_label(d) for d in why.deciding) or "combined rule"
+    reason, fields = [f"{deciding} fired"], [f"*Decided by*\n{deciding}"]
+    if why.tail_probability is not None:
+        rare = one_in(why.tail_probability) + (" or rarer" if why.tail_probability <= 1e-10 else "")
+        reason.append(f"{rare} unusual")
+        fields.append(f"*How unusual*\n{rare} (alert at {one_in(ALARM_TAIL)})")
+    if why.expected is not None:
+        observed = "" if why.observed_what in (None, "value") else f"{why.observed_what} {why.observed:g}; "
+        expected = f"{why.expected:g} (normal {why.expected_low:g} to {why.expected_high:g})"
+        reason.append(f"expected {expected}")
+        fields.append(f"*Expected*\n{observed}{expected}, by {output_label(why.expected_from or '')}")
+    scores = " · ".join(f"{output_label(d)} {rec.scores[d]:.3g}" for d in why.deciding if d in rec.scores)
+    if scores:
+        fields.append(f"*Scores*\n{scores}")
+    return "; ".join(reason), fields
 
 
 def format_alert(rec: ScoreRecord) -> tuple[str, list[dict]]:
-    fired = [name for name in rec.decision if rec.flags.get(name)] or [
-        label for field, label in DETECTOR_LABELS.items() if getattr(rec, field)] or ["combined rule"]
     ts = rec.timestamp.astimezone(timezone.utc) if rec.timestamp.tzinfo else rec.timestamp  # naive = UTC
     when = ts.strftime("%Y-%m-%d %H:%M:%S UTC")
-    text = (f":rotating_light: Anomaly in {rec.series} at {when}: value {rec.value:g} "
-            f"({', '.join(fired)} fired)")
+    reason, why_fields = _why_lines(rec)
+    text = f":rotating_light: Anomaly in {rec.series} at {when}: value {rec.value:g} ({reason})"
     blocks = [
         {"type": "header", "text": {"type": "plain_text", "text": f"Anomaly in {rec.series}"[:150]}},
         {"type": "section", "fields": [
             {"type": "mrkdwn", "text": f"*Time*\n{when}"},
             {"type": "mrkdwn", "text": f"*Value*\n{rec.value:g}"},
-            {"type": "mrkdwn", "text": f"*Fired*\n{', '.join(fired)}"},
-            {"type": "mrkdwn", "text": f"*Scores*\nIF {rec.if_score:.3f} · LSTM error {rec.reconstruction_error:.3f}"},
+            *({"type": "mrkdwn", "text": f[:2000]} for f in why_fields),
         ]},
         {"type": "context", "elements": [{"type": "mrkdwn", "text":
             f"model {rec.model_version} · {rec.source_topic}[{rec.source_partition}]@{rec.source_offset}"}]},

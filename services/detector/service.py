@@ -126,7 +126,7 @@ class DetectorProcessor(Processor):
         values = encode_score_records(
             decoded.series, decoded.timestamps, decoded.values, scored.is_anomaly, scored.scores, scored.flags,
             scorer.decision, scorer.model_set.version, topic,
-            [(m.partition(), m.offset(), m.timestamp()[1]) for m in good])
+            [(m.partition(), m.offset(), m.timestamp()[1]) for m in good], scored.why)
         anomalous = scored.is_anomaly.tolist()
         for series, value, is_anomaly in zip(decoded.series, values, anomalous):
             key = series.encode()

@@ -185,6 +185,27 @@ def decode_metrics(payloads: list[bytes | None], max_bytes: int,
     return out
 
 
+class Explanation(Record):
+    """Why a scored point is an anomaly (on records with is_anomaly): `deciding`, the outputs whose
+    alarms made the decision; `tail_probability`, how unusual it is (the probability of recent
+    behaviour this far from the series' history, from the deciding likelihood: 1e-5 at the alarm
+    threshold, 1e-10 the rarest it says); and what was expected, from the first deciding output
+    that has an expectation (`expected_from`): `observed` (what it compared, `observed_what`: the
+    value or a recent average), `expected` and the range [`expected_low`, `expected_high`] inside
+    which that output alone would not have flagged."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    deciding: list[str]
+    tail_probability: float | None = None
+    expected_from: str | None = None
+    observed_what: str | None = None
+    observed: float | None = None
+    expected: float | None = None
+    expected_low: float | None = None
+    expected_high: float | None = None
+
+
 class ScoreRecord(Record):
     """One scored input: the payload of `scores`, and of `anomalies` when is_anomaly."""
 
@@ -207,6 +228,7 @@ class ScoreRecord(Record):
     scores: dict[str, float] = {}  # every output of the model set, incl. the likelihood stages
     flags: dict[str, bool] = {}
     decision: list[str] = []  # the outputs whose flags made is_anomaly
+    why: Explanation | None = None  # on anomalies
     kind: Literal["score"] = "score"
 
 
@@ -229,9 +251,10 @@ def _finite(x: np.ndarray) -> np.ndarray:
 def encode_score_records(series: list[str], epoch_s: np.ndarray, values: np.ndarray, is_anomaly: np.ndarray,
                          scores: dict[str, np.ndarray], flags: dict[str, np.ndarray], decision: list[str],
                          model_version: str, source_topic: str,
-                         sources: list[tuple[int, int, int]]) -> list[bytes]:
+                         sources: list[tuple[int, int, int]], why: dict[int, dict] | None = None) -> list[bytes]:
     """One ScoreRecord JSON per scored point, built column-wise (pydantic per record would cost
-    more than the scoring). `sources` is (partition, offset, timestamp ms) of each input message.
+    more than the scoring). `sources` is (partition, offset, timestamp ms) of each input message;
+    `why`, row -> Explanation fields, for the anomalous rows.
     The isolation_forest / lstm_autoencoder fields are the design card's named outputs.
 
     A ScoreRecord holds finite numbers only (JSON has no NaN): should a detector ever return a
@@ -243,14 +266,19 @@ def encode_score_records(series: list[str], epoch_s: np.ndarray, values: np.ndar
     stamps = iso_utc(epoch_s)
     detected_at = datetime.now(timezone.utc).isoformat()
     anomalous = is_anomaly.tolist()
-    if_flag, lstm_flag = flags["isolation_forest"].tolist(), flags["lstm_autoencoder"].tolist()
-    if_score, recon = scores["isolation_forest"].tolist(), scores["lstm_autoencoder"].tolist()
+    # A model set without IsolationForest / the LSTM (streaming detectors only) writes them unflagged, 0.
+    off, zero = [False] * len(values), [0.0] * len(values)
+    if_flag = flags["isolation_forest"].tolist() if "isolation_forest" in flags else off
+    lstm_flag = flags["lstm_autoencoder"].tolist() if "lstm_autoencoder" in flags else off
+    if_score = scores["isolation_forest"].tolist() if "isolation_forest" in scores else zero
+    recon = scores["lstm_autoencoder"].tolist() if "lstm_autoencoder" in scores else zero
     names = list(scores)
     all_scores = [scores[n].tolist() for n in names]
     all_flags = [flags[n].tolist() for n in names]
+    why = why or {}
     out = []
     for j, (value, (partition, offset, ts_ms)) in enumerate(zip(values.tolist(), sources)):
-        out.append(orjson.dumps({
+        record = {
             "series": series[j], "timestamp": stamps[j], "value": value,
             "is_anomaly": anomalous[j], "if_anomaly": if_flag[j], "lstm_anomaly": lstm_flag[j],
             "reconstruction_error": recon[j], "if_score": if_score[j], "model_version": model_version,
@@ -259,5 +287,8 @@ def encode_score_records(series: list[str], epoch_s: np.ndarray, values: np.ndar
             "scores": {n: col[j] for n, col in zip(names, all_scores)},
             "flags": {n: col[j] for n, col in zip(names, all_flags)},
             "decision": decision, "kind": "score",
-        }))
+        }
+        if j in why:
+            record["why"] = why[j]
+        out.append(orjson.dumps(record))
     return out

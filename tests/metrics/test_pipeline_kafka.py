@@ -61,6 +61,9 @@ def test_replay_scores_every_input_once_and_alerts_reach_slack(pipeline_settings
         anomalies = [r for r in records if r.is_anomaly]
         assert all(r.is_anomaly == (r.if_anomaly or r.lstm_anomaly) for r in records)
         assert anomalies, "the seed IsolationForest flags about 10% of training-like data"
+        # Each anomaly says which detectors decided it (and only those that flagged); no other record does.
+        assert all((r.why is not None) == r.is_anomaly for r in records)
+        assert all(r.why.deciding and all(r.flags[d] for d in r.why.deciding) for r in anomalies)
         assert count(settings, settings.topic_anomalies) == len(anomalies)
 
         # Every anomaly handled (posted or suppressed by the cooldown) and committed by the alerter.
