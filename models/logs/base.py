@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.base import ArtifactError, read_json, write_json
+from models.base import read_json, write_json
+from models.inference import SequentialNetwork, load_keras_model
 from models.logs.sessions import END, PAD, UNKNOWN, windows
 
 Sessions = Sequence[Sequence[str]]
@@ -134,16 +135,21 @@ def split_per_session(window_values: np.ndarray, owner: np.ndarray, n_sessions: 
 
 
 class KerasWindowModel(LogDetector):
-    """What the two Keras window models share: vocabulary, network file, params, threshold."""
+    """What the two Keras window models share: vocabulary, network file, params, threshold.
+
+    A Sequential network (the next-event model) is exported after training and predicts in numpy
+    (models/inference.py), so the log detector service does not import TensorFlow; the pair
+    classifier (two inputs, an evaluation baseline) predicts with Keras."""
 
     def __init__(self, **params):
         self.params = params
         self.vocab: Vocabulary | None = None
-        self.model = None
+        self.model = None  # the Keras network (training; the pair classifier)
+        self.network: SequentialNetwork | None = None  # its export, when it is Sequential
         self._infer = None
 
     def _check_fitted(self) -> None:
-        if self.model is None or self.vocab is None:
+        if (self.model is None and self.network is None) or self.vocab is None:
             raise RuntimeError(f"{self.name} is not fitted")
 
     def _train(self, inputs, targets, weights, loss: str) -> None:
@@ -155,12 +161,16 @@ class KerasWindowModel(LogDetector):
         self.model.fit(inputs, targets, sample_weight=weights / weights.mean(), epochs=self.params["epochs"],
                        batch_size=self.params["batch_size"], shuffle=True, verbose=0)
         self._infer = None
+        self.network = SequentialNetwork.from_keras(self.model) if isinstance(self.model, keras.Sequential) else None
 
     def build_network(self, vocab_size: int):  # pragma: no cover - each model defines it
         raise NotImplementedError
 
     def _predict(self, inputs) -> np.ndarray:
-        """The network's output for inputs (one traced graph for every batch size)."""
+        """The network's output for inputs: the export in numpy, else one traced Keras graph for
+        every batch size."""
+        if self.network is not None:
+            return self.network(inputs[0] if isinstance(inputs, (list, tuple)) else inputs)
         if self._infer is None:
             import tensorflow as tf
 
@@ -177,7 +187,10 @@ class KerasWindowModel(LogDetector):
     def save(self, folder: Path) -> None:
         self._check_fitted()
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save(folder / f"{self.name}.keras")
+        if self.model is not None:
+            self.model.save(folder / f"{self.name}.keras")
+        if self.network is not None:
+            self.network.save(folder, self.name)
         write_json(folder / f"{self.name}.json", {"params": self.params, "threshold": self.threshold,
                                                   "vocabulary": self.vocab.tokens})
 
@@ -185,19 +198,14 @@ class KerasWindowModel(LogDetector):
     def load(cls, folder: Path) -> "KerasWindowModel":
         meta = read_json(folder / f"{cls.name}.json")
         det = cls(**meta["params"])
-        det.model = load_keras_model(folder / f"{cls.name}.keras")
+        if SequentialNetwork.exists(folder, cls.name):
+            det.network = SequentialNetwork.load(folder, cls.name)
+        else:  # the pair classifier, or a model saved before the export (TensorFlow needed)
+            import keras
+
+            det.model = load_keras_model(folder / f"{cls.name}.keras")
+            if isinstance(det.model, keras.Sequential):
+                det.network = SequentialNetwork.from_keras(det.model)
         det.vocab = Vocabulary(meta["vocabulary"])
         det.threshold = meta["threshold"]
         return det
-
-
-def load_keras_model(path: Path):
-    """A saved Keras model; ArtifactError naming the file when it is missing or unreadable."""
-    import keras
-
-    if not path.exists():
-        raise ArtifactError(f"model artifact not found: {path}")
-    try:
-        return keras.models.load_model(path)
-    except Exception as exc:  # keras raises several types for a corrupt file
-        raise ArtifactError(f"cannot load {path}: {exc}") from None

@@ -3,6 +3,10 @@
 The network reads a window ending at the current point and reconstructs the current point; the
 reconstruction error (MSE over features) is the score, and the threshold is mean + 3 sigma of the
 training errors.
+
+Training needs TensorFlow (the `train` extra); the trained network is exported with it
+(models/inference.py) and scoring runs the export in numpy, so the detector never imports
+TensorFlow. A model saved before the export existed is loaded with Keras and exported then.
 """
 
 from __future__ import annotations
@@ -12,24 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.base import ArtifactError, Detector, read_json, write_json
+from models.base import Detector, read_json, write_json
+from models.inference import SequentialNetwork, load_keras_model
 from models.metrics.features import FeatureBatch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner out of our logs
 MAX_ERROR = 1e12  # a reconstruction error is reported as at most this (a non-finite one as this)
-
-
-def configure_tensorflow(threads: int | None) -> None:
-    """Pin TensorFlow's thread pools; with several worker processes on few cores, one thread each
-    avoids oversubscription. Must run before the first TensorFlow op."""
-    import tensorflow as tf
-
-    if threads:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError:  # already initialised in this process: keep what it has
-            pass
 
 
 def build_network(seq_len: int, n_features: int):
@@ -54,8 +46,8 @@ class LSTMAutoencoderDetector(Detector):
         self.params = {"epochs": epochs, "batch_size": batch_size, "validation_split": validation_split,
                        "sigmas": sigmas, "seed": seed}
         self.progress = progress
-        self.model = None
-        self._infer = None
+        self.model = None  # the Keras network, after fit (training only)
+        self.network: SequentialNetwork | None = None  # what scores
 
     def fit(self, history: FeatureBatch) -> "LSTMAutoencoderDetector":
         import keras
@@ -72,6 +64,7 @@ class LSTMAutoencoderDetector(Detector):
         self.model.fit(history.windows, history.windows[:, -1, :], epochs=self.params["epochs"],
                        batch_size=self.params["batch_size"], validation_split=self.params["validation_split"],
                        shuffle=True, verbose=0, callbacks=callbacks)
+        self.network = SequentialNetwork.from_keras(self.model)
         errors = self.score(history)
         self.threshold = float(errors.mean() + self.params["sigmas"] * errors.std())
         return self
@@ -79,16 +72,8 @@ class LSTMAutoencoderDetector(Detector):
     def score(self, batch: FeatureBatch) -> np.ndarray:
         if len(batch) == 0:
             return np.empty(0)
-        if self._infer is None:
-            import tensorflow as tf
-
-            # One traced graph for every batch size: no per-call Keras overhead, no retracing.
-            self._infer = tf.function(
-                lambda x: self.model(x, training=False),
-                input_signature=[tf.TensorSpec([None, *self.model.input_shape[1:]], tf.float32)],
-            )
         windows = np.ascontiguousarray(batch.windows, dtype=np.float32)
-        recon = self._infer(windows).numpy().astype(np.float64)
+        recon = self.network(windows).astype(np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
             errors = np.mean((recon - windows[:, -1, :]) ** 2, axis=1)
         # The scaled inputs are bounded (features.FEATURE_LIMIT), so the network's output is finite
@@ -97,21 +82,18 @@ class LSTMAutoencoderDetector(Detector):
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save(folder / "lstm_autoencoder.keras")
+        if self.model is not None:  # kept for retraining and inspection; the services read the export
+            self.model.save(folder / "lstm_autoencoder.keras")
+        self.network.save(folder, self.name)
         write_json(folder / "lstm_autoencoder.json", {"params": self.params, "threshold": self.threshold})
 
     @classmethod
     def load(cls, folder: Path) -> "LSTMAutoencoderDetector":
-        import keras
-
         meta = read_json(folder / "lstm_autoencoder.json")
-        path = folder / "lstm_autoencoder.keras"
-        if not path.exists():
-            raise ArtifactError(f"model artifact not found: {path}")
         det = cls(**meta["params"])
-        try:
-            det.model = keras.models.load_model(path)
-        except Exception as exc:  # keras raises several types for a corrupt file
-            raise ArtifactError(f"cannot load {path}: {exc}") from None
+        if SequentialNetwork.exists(folder, cls.name):
+            det.network = SequentialNetwork.load(folder, cls.name)
+        else:  # saved before the export: needs TensorFlow once
+            det.network = SequentialNetwork.from_keras(load_keras_model(folder / "lstm_autoencoder.keras"))
         det.threshold = meta["threshold"]
         return det

@@ -199,11 +199,11 @@ def worker_main(settings: Settings, worker_id: int) -> None:
     signal.signal(signal.SIGINT, on_signal)
     log = setup_logging(settings, "detector").bind(worker=worker_id)
     watch_supervisor(on_supervisor_gone)
-    from models.metrics.lstm_autoencoder import configure_tensorflow
+    from models.inference import limit_threads
     from models.metrics.model_set import ModelSet
     from models.metrics.scorer import Scorer
 
-    configure_tensorflow(1)
+    limit_threads(1)
     try:
         scorers = {topic: Scorer(ModelSet.load(settings.model_dir, name), settings.combine, settings.decision)
                    for topic, name in settings.topic_models().items()}

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.inference import limit_threads
 from models.metrics.features import replay_frame
-from models.metrics.lstm_autoencoder import configure_tensorflow
 from models.metrics.model_set import ModelSet
 from models.metrics.scorer import Scorer
 
@@ -96,7 +96,7 @@ def cardinality_sweep(model_dir: Path, model_name: str, nab_paths: list[Path], c
     (largest over smallest N), "seconds"}."""
     started = time.monotonic()
     counts = sorted(set(counts))
-    configure_tensorflow(1)
+    limit_threads(1)
     model_set = ModelSet.load(model_dir, model_name)
     frame = replay_frame(nab_paths)
     bases = [(g["epoch_s"].to_numpy(np.float64), g["value"].to_numpy(np.float64))

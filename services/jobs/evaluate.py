@@ -180,9 +180,9 @@ def evaluate_one(args: tuple) -> tuple:
     """One series, in a worker process: (key, frame, truth, window rows, probation, scores, flags)."""
     key, path, windows, epochs, outputs, grid = args
     if "lstm_autoencoder" in plan(outputs, grid)[0]:
-        from models.metrics.lstm_autoencoder import configure_tensorflow
+        from models.inference import limit_threads
 
-        configure_tensorflow(1)
+        limit_threads(1)
     frame = read_series_csv(path)
     probation = probation_length(len(frame))
     widx = window_indices(frame["timestamp"], windows)

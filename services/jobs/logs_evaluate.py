@@ -248,9 +248,9 @@ def command(sessions: Path | None, out: Path, n_splits: int, epochs: int, quick:
         n_splits, epochs = 0, 5
     log = setup_logging(settings, "logs-evaluate")
 
-    from models.metrics.lstm_autoencoder import configure_tensorflow
+    from models.inference import limit_threads
 
-    configure_tensorflow(threads)
+    limit_threads(threads)
     started = time.perf_counter()
     frame = read_sessions_csv(sessions)
     if frame["y"].nunique() < 2:

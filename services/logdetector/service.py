@@ -168,9 +168,9 @@ class LogDetectorProcessor(Processor):
 def command() -> int:
     settings = load_settings()
     log = setup_logging(settings, "logdetector")
-    from models.metrics.lstm_autoencoder import configure_tensorflow
+    from models.inference import limit_threads
 
-    configure_tensorflow(1)
+    limit_threads(1)
     try:
         scorer = load_scorer(settings)
     except (ArtifactError, ValueError, KeyError) as exc:

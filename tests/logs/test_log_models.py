@@ -8,15 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.inference import limit_threads
 from models.logs.base import Vocabulary, dedupe, encode_windows
 from models.logs.count_baseline import CountVectorDetector
 from models.logs.next_event import UNKNOWN_RANK, NextEventDetector, target_ranks
-from models.metrics.lstm_autoencoder import configure_tensorflow
 from services.jobs.logs_evaluate import main as log_evaluate
 from services.jobs.logs_evaluate import sequence_ceiling
 from shared.config import load_settings
 
-configure_tensorflow(1)
+limit_threads(1)
 SESSIONS_CSV = load_settings().data_dir / "hdfs" / "hdfs_100k_sessions.csv"
 
 

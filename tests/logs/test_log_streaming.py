@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from models.inference import limit_threads
 from models.logs.base import Vocabulary
 from models.logs.next_event import UNKNOWN_RANK, NextEventDetector
 from models.logs.render import HDFS_LINE_FORMATS, START, render_line, render_sessions
@@ -37,14 +38,13 @@ from models.logs.templates import (
     parse_hdfs_file,
     parse_hdfs_line,
 )
-from models.metrics.lstm_autoencoder import configure_tensorflow
 from services.alerter.formatting import format_log_alert
 from services.jobs.logs_train import train_log_model
 from shared.config import load_settings
 from shared.records.anomalies import anomaly_record_adapter
 from shared.records.logs import LogLineRecord, LogSessionRecord, decode_log_line
 
-configure_tensorflow(1)
+limit_threads(1)
 HDFS = load_settings().data_dir / "hdfs"
 SESSIONS_CSV = HDFS / "hdfs_100k_sessions.csv"
 TEMPLATES_CSV = HDFS / "hdfs_100k_templates.csv"

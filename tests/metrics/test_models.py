@@ -146,9 +146,22 @@ def test_lstm_missing_artifacts(tmp_path, lstm):
     with pytest.raises(ArtifactError, match="lstm_autoencoder.json"):
         LSTMAutoencoderDetector.load(tmp_path)
     lstm.save(tmp_path)
+    (tmp_path / "lstm_autoencoder.network.npz").write_bytes(b"not an npz file")
+    with pytest.raises(ArtifactError, match="lstm_autoencoder.network"):
+        LSTMAutoencoderDetector.load(tmp_path)
+    # Without the export (a model saved before it), the Keras file is read instead: a bad one is named.
+    (tmp_path / "lstm_autoencoder.network.npz").unlink()
     (tmp_path / "lstm_autoencoder.keras").write_bytes(b"not a keras file")
     with pytest.raises(ArtifactError, match="lstm_autoencoder.keras"):
         LSTMAutoencoderDetector.load(tmp_path)
+
+
+def test_lstm_saved_before_the_export_is_exported_on_load(tmp_path, lstm, history):
+    lstm.save(tmp_path)
+    for suffix in (".network.npz", ".network.json"):
+        (tmp_path / f"lstm_autoencoder{suffix}").unlink()
+    again = LSTMAutoencoderDetector.load(tmp_path)
+    np.testing.assert_allclose(again.score(history), lstm.score(history), rtol=1e-6, atol=1e-9)
 
 
 # --- model sets
