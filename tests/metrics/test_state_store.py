@@ -107,7 +107,7 @@ def test_scores_continue_exactly_after_export_and_load(ec2_cpu):
 def test_state_is_bounded_per_series(ec2_cpu):
     scorer = Scorer(ec2_cpu)
     # The default set: windows, robust z-score, seasonal, two likelihood stages and the default
-    # ensemble's quiet counter: 1,826 bytes (README, "Detection quality").
+    # ensemble's quiet counter: 1,962 bytes (README, "Detection quality").
     assert scorer.store.bytes_per_series <= 2048
     series, t, values = stream(n=20_000, n_series=2)
     scorer.score(series, t, values)
