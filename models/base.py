@@ -30,13 +30,22 @@ class Expectation:
     """Per row: the quantity a detector compared (`observed`: the value, or a recent average), what
     it expected (`center`) and the range around it inside which the detector alone would not flag
     (`low`, `high`); NaN where it had no expectation yet (still learning). `what` names `observed`
-    for a person ("value", "10-point average")."""
+    for a person ("value", "12-point average"). `spread`: the scale the detector's score divides
+    the distance from `center` by (a mean absolute error, a scaled MAD), if it has one."""
 
     observed: np.ndarray
     center: np.ndarray
     low: np.ndarray
     high: np.ndarray
     what: str = "value"
+    spread: np.ndarray | None = None
+
+    def widened(self, limit: np.ndarray) -> "Expectation":
+        """The range where the score (|observed - center| / spread) stays under `limit` per row:
+        for the likelihood of this detector's score, whose alarm is a recent average of the score
+        above the normal `limit` (so the value stays inside it on average)."""
+        return Expectation(self.observed, self.center, self.center - limit * self.spread,
+                           self.center + limit * self.spread, self.what, self.spread)
 
 
 class Detector(ABC):

@@ -11,7 +11,7 @@ probability of 1e-5 -- the published alarm threshold, used here as is.
 
 Defaults that differ from Numenta's (issue 15, chosen by leave-one-category-out on nab_dev, README
 "Detection quality"): the average is over 12 points, and over 25 for the seasonal residual score
-(AVG_WINDOWS, by the stage's prefix; see there); the history is 20000 averages instead of 8640,
+(AVG_WINDOWS, by the source of the raw score; `for_source`); the history is 20000 averages instead of 8640,
 so a months-long series keeps a steadier mean and deviation; the daily recurrence below allows
 +- 1 h instead of 30 min.
 
@@ -48,14 +48,14 @@ from models.base import Expectation
 from models.state import SeriesState, private_slots
 
 LOG_1E_10 = math.log(1e-10)
-# The moving average's length per stage (issue 15), by prefix, i.e. by the raw score it averages;
-# any other stage averages AVG_WINDOW points. The seasonal detector's score, |residual| / mean
+# The moving average's length by the source of the raw score (issue 15); any other source averages
+# AVG_WINDOW points. The seasonal detector's score, |residual| / mean
 # absolute error, is skewed and heavy-tailed point by point, so its short averages are far from
 # the Gaussian the tail probability assumes and their red tails are mostly noise: it is averaged
 # over 25 points. The metric's own value is smoother and keeps a short average (12), which finds
 # short incidents (chosen by leave-one-category-out on nab_dev, README "Detection quality").
 AVG_WINDOW = 12
-AVG_WINDOWS = {"seasonal_likelihood": 25}
+AVG_WINDOWS = {"seasonal": 25}
 # Raw scores are read as at most this in magnitude (NaN as 0): squares and sums of a whole history
 # of them stay finite. Any raw score this large is an alarm anyway.
 RAW_LIMIT = 1e150
@@ -64,12 +64,12 @@ RAW_LIMIT = 1e150
 class AnomalyLikelihood:
     threshold = 0.5
 
-    def __init__(self, avg_window: int | None = None, history: int = 20000, learning_period: int = 300,
+    def __init__(self, avg_window: int = AVG_WINDOW, history: int = 20000, learning_period: int = 300,
                  min_history: int = 50, red: float = 1e-5, yellow: float = 1e-3,
                  recurrence_period_s: float | None = 86400.0, recurrence_tolerance_s: float = 3600.0,
                  clip_sigmas: float = 20.0, clip_after: int = 2, blocks: int = 16, recent_alarms: int = 8,
                  prefix: str = "likelihood"):
-        self.avg_window = AVG_WINDOWS.get(prefix, AVG_WINDOW) if avg_window is None else avg_window
+        self.avg_window = avg_window
         self.history = history
         self.learning_period = learning_period
         self.min_history = min_history
@@ -83,6 +83,12 @@ class AnomalyLikelihood:
         self.block_size = -(-history // blocks)  # averages per block
         self.recent_alarms = recent_alarms
         self.prefix = prefix
+
+    @classmethod
+    def for_source(cls, source: str) -> "AnomalyLikelihood":
+        """The stage for one raw score ("value" = the metric itself): output `<source>_likelihood`,
+        averaged over that source's AVG_WINDOWS length."""
+        return cls(avg_window=AVG_WINDOWS.get(source, AVG_WINDOW), prefix=f"{source}_likelihood")
 
     def state_fields(self) -> dict:
         p, f8 = self.prefix, np.float64

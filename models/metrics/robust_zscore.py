@@ -73,7 +73,8 @@ class RobustZScoreDetector(Detector):
                        a[f"{p}.deviation.open"], a[f"{p}.deviation.n_open"], a[f"{p}.deviation.medians"],
                        a[f"{p}.deviation.n_full"], a[f"{p}.deviation.median"],
                        self.params["min_points"], float(self.params["cap"]))
-        return out, Expectation(values, median, median - self.threshold * scale, median + self.threshold * scale)
+        return out, Expectation(values, median, median - self.threshold * scale, median + self.threshold * scale,
+                                spread=scale)
 
     def save(self, folder: Path) -> None:
         write_json(folder / "robust_zscore.json", {"params": self.params})

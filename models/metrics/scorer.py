@@ -55,7 +55,7 @@ class Scorer:
                              f"model set {model_set.name} has {model_set.outputs()}")
         self.windows = SeriesWindows()
         self.detectors = {name: det.for_stream() for name, det in model_set.detectors.items()}
-        self.likelihood = {src: AnomalyLikelihood(prefix=f"{src}_likelihood")
+        self.likelihood = {src: AnomalyLikelihood.for_source(src)
                            for src in model_set.likelihood_sources}
         # Ensembles: fresh copies (their quiet counters live in this Scorer's store).
         self.ensembles = {name: Ensemble.from_dict(name, ens.to_dict()) for name, ens in model_set.ensembles.items()}
@@ -83,10 +83,13 @@ class Scorer:
                 batch.series, batch.values if src == "value" else scores[src], batch.timestamps, self.store, slots)
             flags[name] = scores[name] >= stage.threshold
             # The value's own likelihood expects a range of its recent average; a detector's
-            # likelihood is explained by what that detector expected (e.g. the seasonal forecast).
-            own: Expectation | None = expected if src == "value" else expectations.get(src)
-            if own is not None:
-                expectations[name] = own
+            # likelihood, what that detector expected (e.g. the seasonal forecast) with the range
+            # its score must stay within on average (the likelihood's normal upper bound).
+            detector: Expectation | None = expectations.get(src)
+            if src == "value":
+                expectations[name] = expected
+            elif detector is not None and detector.spread is not None:
+                expectations[name] = detector.widened(expected.high)
         for name, ens in self.ensembles.items():
             scores[name], flags[name] = ens.decide(batch.series, scores, self.store, slots)
         is_anomaly = combine({n: flags[n] for n in self.decision}, self.rule)

@@ -12,7 +12,8 @@ around the forecast, so one extreme point (1e308) raises its score but does not 
 up; a real level shift is still followed (each clipped point moves the level by alpha * clip mae).
 
 Its expectation (for an alert): the forecast, and the range of `threshold` mean absolute errors
-around it inside which the detector alone would not flag.
+around it inside which the detector alone would not flag (for its likelihood, the range the recent
+errors must stay within on average: see Expectation.widened).
 
 State per series: 48 float32 offsets and 4 float64s, about 230 bytes.
 """
@@ -47,7 +48,8 @@ class SeasonalResidualDetector(StreamingDetector):
                        out, forecast, mae, a["season"], a["level"], a["mae"], a["n"], float(p["period_s"]),
                        float(p["alpha"]), float(p["gamma"]), float(p["beta"]), int(p["min_points"]),
                        float(p["clip"]), float(p["cap"]))
-        return Expectation(values, forecast, forecast - self.threshold * mae, forecast + self.threshold * mae)
+        return Expectation(values, forecast, forecast - self.threshold * mae, forecast + self.threshold * mae,
+                           spread=mae)
 
 
 @njit(cache=True, nogil=True)

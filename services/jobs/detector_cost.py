@@ -97,12 +97,12 @@ def components(ensemble: str) -> dict:
         det = DETECTORS[name]()
         out[name] = (det.state_fields(), det.schema(),
                      lambda se, t, v, st, sl, det=det: det.score(batch_of(se, t, v, st, sl)))
-    stage = AnomalyLikelihood(prefix="value_likelihood")
+    stage = AnomalyLikelihood.for_source("value")
     out["likelihood stage"] = (stage.state_fields(), stage.schema(),
                                lambda se, t, v, st, sl: stage.update(se, v, t, st, sl))
     sources = [GRID_SOURCES[x] for x in ensemble]
     dets = {s: DETECTORS[s]() for s in sources if s != "value"}
-    stages = {s: AnomalyLikelihood(prefix=f"{s}_likelihood") for s in sources}
+    stages = {s: AnomalyLikelihood.for_source(s) for s in sources}
     gate = Ensemble(ensemble, {f"{s}_likelihood": 0.5 for s in sources}, quiet=100)
     parts = [*dets.values(), *stages.values(), gate]
 
