@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml broker/pom.xml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,train]'
 	$(BIN)/python -m shared.local_broker fetch
 	touch $(STAMP)
 

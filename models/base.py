@@ -51,6 +51,9 @@ class Expectation:
 class Detector(ABC):
     name: str = "detector"
     threshold: float = float("inf")
+    # Reads the scaled feature rows / windows of a batch (FeatureBatch.X, .windows); a Scorer
+    # without such a detector does not build them (nor keep the windows' state).
+    uses_features: bool = False
 
     @abstractmethod
     def fit(self, history: FeatureBatch) -> "Detector": ...

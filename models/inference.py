@@ -52,9 +52,19 @@ def limit_threads(threads: int | None) -> None:
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(threads))
 
 
+def import_keras():
+    """Keras, for training; a clear error where the `train` extra (TensorFlow) is not installed."""
+    try:
+        import keras
+    except ImportError as exc:
+        raise RuntimeError("training needs TensorFlow: pip install 'anomstream[train]' "
+                           f"(the services score without it) [{exc}]") from None
+    return keras
+
+
 def load_keras_model(path: Path):
     """A saved Keras model; ArtifactError naming the file when it is missing or unreadable."""
-    import keras
+    keras = import_keras()
 
     if not path.exists():
         raise ArtifactError(f"model artifact not found: {path}")

@@ -132,6 +132,13 @@ class Settings(BaseSettings):
     # Outputs whose flags decide (JSON list, e.g. '["isolation_forest","lstm_autoencoder"]' for the
     # seed's IF-or-LSTM); default: the model set's own decision, chosen by NAB score.
     decision: list[str] | None = None
+    # What the detector computes on every message (issue 16). "design": the design card's
+    # IsolationForest and LSTM autoencoder scores plus whatever the decision needs; "lean": what the
+    # decision needs only (the fastest); "all": every output of the model set. `outputs` (JSON
+    # list) adds named outputs to the chosen set. An output not computed is not in a record's
+    # `scores`/`flags` (its if_*/lstm_* fields are then false / 0).
+    scoring: Literal["design", "lean", "all"] = "design"
+    outputs: list[str] = []
 
     # --- Log detector service (raw lines of topic_logs -> templates -> sessions -> next-event model)
     logdetector_group: str = "anomstream-logdetector"

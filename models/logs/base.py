@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from models.base import read_json, write_json
-from models.inference import SequentialNetwork, load_keras_model
+from models.inference import SequentialNetwork, import_keras, load_keras_model
 from models.logs.sessions import END, PAD, UNKNOWN, windows
 
 Sessions = Sequence[Sequence[str]]
@@ -153,7 +153,7 @@ class KerasWindowModel(LogDetector):
             raise RuntimeError(f"{self.name} is not fitted")
 
     def _train(self, inputs, targets, weights, loss: str) -> None:
-        import keras
+        keras = import_keras()
 
         keras.utils.set_random_seed(self.params["seed"])
         self.model = self.build_network(len(self.vocab))
@@ -201,7 +201,7 @@ class KerasWindowModel(LogDetector):
         if SequentialNetwork.exists(folder, cls.name):
             det.network = SequentialNetwork.load(folder, cls.name)
         else:  # the pair classifier, or a model saved before the export (TensorFlow needed)
-            import keras
+            keras = import_keras()
 
             det.model = load_keras_model(folder / f"{cls.name}.keras")
             if isinstance(det.model, keras.Sequential):

@@ -74,8 +74,8 @@ class FeatureBatch:
     series: np.ndarray  # per-row series id (object array of str)
     timestamps: np.ndarray  # epoch seconds
     values: np.ndarray
-    X: np.ndarray  # (n, len(FEATURES)) scaled
-    windows: np.ndarray  # (n, SEQ_LEN, len(FEATURES)) scaled; row i's window ends at row i
+    X: np.ndarray | None  # (n, len(FEATURES)) scaled (None: no detector of the Scorer reads it)
+    windows: np.ndarray | None  # (n, SEQ_LEN, len(FEATURES)) scaled; row i's window ends at row i
     store: SeriesState | None = None  # the per-series state store ...
     slots: np.ndarray | None = None  # ... and each row's slot in it
 

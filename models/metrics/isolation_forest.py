@@ -14,6 +14,7 @@ from models.metrics.features import FeatureBatch
 
 class IsolationForestDetector(Detector):
     name = "isolation_forest"
+    uses_features = True
 
     def __init__(self, n_estimators: int = 100, contamination: float = 0.1, random_state: int = 42):
         self.params = {"n_estimators": n_estimators, "contamination": contamination,

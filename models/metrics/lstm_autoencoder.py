@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from models.base import Detector, read_json, write_json
-from models.inference import SequentialNetwork, load_keras_model
+from models.inference import SequentialNetwork, import_keras, load_keras_model
 from models.metrics.features import FeatureBatch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner out of our logs
@@ -25,8 +25,8 @@ MAX_ERROR = 1e12  # a reconstruction error is reported as at most this (a non-fi
 
 
 def build_network(seq_len: int, n_features: int):
-    import keras
-    from keras import layers
+    keras = import_keras()
+    layers = keras.layers
 
     return keras.Sequential([
         keras.Input((seq_len, n_features)),
@@ -40,6 +40,7 @@ def build_network(seq_len: int, n_features: int):
 
 class LSTMAutoencoderDetector(Detector):
     name = "lstm_autoencoder"
+    uses_features = True
 
     def __init__(self, epochs: int = 50, batch_size: int = 32, validation_split: float = 0.2,
                  sigmas: float = 3.0, seed: int = 42, progress: bool = True):
@@ -50,7 +51,7 @@ class LSTMAutoencoderDetector(Detector):
         self.network: SequentialNetwork | None = None  # what scores
 
     def fit(self, history: FeatureBatch) -> "LSTMAutoencoderDetector":
-        import keras
+        keras = import_keras()
 
         keras.utils.set_random_seed(self.params["seed"])
         _, seq_len, n_features = history.windows.shape

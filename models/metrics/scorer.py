@@ -13,7 +13,7 @@ import numpy as np
 from models.base import Expectation
 from models.metrics.ensemble import Ensemble
 from models.metrics.explain import explain
-from models.metrics.features import SeriesWindows, build_batch
+from models.metrics.features import FeatureBatch, SeriesWindows, build_batch
 from models.metrics.likelihood import AnomalyLikelihood
 from models.metrics.model_set import ModelSet
 from models.state import SeriesState
@@ -39,29 +39,64 @@ def combine(flags: dict[str, np.ndarray], rule: str) -> np.ndarray:
     raise ValueError(f"unknown combine rule {rule!r} (or, and, majority)")
 
 
+# The outputs the design card names: computed on every message unless scoring is "lean".
+DESIGN_OUTPUTS = ("isolation_forest", "lstm_autoencoder")
+SCORING = ("design", "lean", "all")
+
+
+def needed_outputs(model_set: ModelSet, wanted: list[str]) -> set[str]:
+    """`wanted` and everything they are computed from: an ensemble's members, a likelihood's
+    source detector."""
+    needed, todo = set(), list(wanted)
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        if name in model_set.ensembles:
+            todo += list(model_set.ensembles[name].members)
+        elif name.endswith("_likelihood") and name.removesuffix("_likelihood") in model_set.detectors:
+            todo.append(name.removesuffix("_likelihood"))
+    return needed
+
+
 class Scorer:
     """Keeps the per-series windows and streaming state between calls in one state store (`store`,
     one slot per series), so it must see each series in time order. `decision` (default: the model
-    set's) names the outputs that decide."""
+    set's) names the outputs that decide. `scoring` says what else is computed (shared.config:
+    "design" adds the design card's IsolationForest and LSTM, "lean" nothing, "all" every output
+    of the set) and `outputs` adds named ones; the rest are not computed at all."""
 
-    def __init__(self, model_set: ModelSet, rule: str = "or", decision: list[str] | None = None):
+    def __init__(self, model_set: ModelSet, rule: str = "or", decision: list[str] | None = None,
+                 scoring: str = "all", outputs: list[str] | None = None):
         combine({"x": np.zeros(1, bool)}, rule)  # reject a bad rule at start, not on the first batch
+        if scoring not in SCORING:
+            raise ValueError(f"unknown scoring {scoring!r} ({', '.join(SCORING)})")
         self.model_set = model_set
         self.rule = rule
         self.decision = list(decision or model_set.decision)
-        unknown = set(self.decision) - set(model_set.outputs())
+        unknown = (set(self.decision) | set(outputs or ())) - set(model_set.outputs())
         if unknown:
-            raise ValueError(f"decision names unknown output(s) {sorted(unknown)}; "
+            raise ValueError(f"decision or outputs name unknown output(s) {sorted(unknown)}; "
                              f"model set {model_set.name} has {model_set.outputs()}")
-        self.windows = SeriesWindows()
-        self.detectors = {name: det.for_stream() for name, det in model_set.detectors.items()}
+        wanted = [*self.decision, *(outputs or ())]
+        if scoring == "design":
+            wanted += [d for d in DESIGN_OUTPUTS if d in model_set.detectors]
+        elif scoring == "all":
+            wanted += model_set.outputs()
+        needed = needed_outputs(model_set, wanted)
+        self.detectors = {name: det.for_stream() for name, det in model_set.detectors.items() if name in needed}
+        # The feature windows only for detectors that read them (IsolationForest, the LSTM).
+        self.windows = SeriesWindows() if any(d.uses_features for d in self.detectors.values()) else None
         self.likelihood = {src: AnomalyLikelihood.for_source(src)
-                           for src in model_set.likelihood_sources}
+                           for src in model_set.likelihood_sources if f"{src}_likelihood" in needed}
         # Ensembles: fresh copies (their quiet counters live in this Scorer's store).
-        self.ensembles = {name: Ensemble.from_dict(name, ens.to_dict()) for name, ens in model_set.ensembles.items()}
+        self.ensembles = {name: Ensemble.from_dict(name, ens.to_dict())
+                          for name, ens in model_set.ensembles.items() if name in needed}
         # Every streaming component's fields in one store; its schema (the components'
         # hyper-parameters) goes into the fingerprint an exported state carries.
-        parts = [self.windows, *self.detectors.values(), *self.likelihood.values(), *self.ensembles.values()]
+        parts = [*([self.windows] if self.windows else []), *self.detectors.values(), *self.likelihood.values(),
+                 *self.ensembles.values()]
         stateful = [c for c in parts if hasattr(c, "state_fields")]
         self.store = SeriesState({k: v for c in stateful for k, v in c.state_fields().items()},
                                  "|".join(f"{type(c).__name__}:{c.schema()}" for c in stateful))
@@ -70,7 +105,11 @@ class Scorer:
         """`partition`: the input partition of each row (or one for all), kept with the series'
         state so that the state can be written to and dropped with that partition."""
         slots = self.store.slots(series, partition, epoch_s)
-        batch = build_batch(self.model_set.scaler, self.windows, series, epoch_s, values, self.store, slots)
+        if self.windows is not None:
+            batch = build_batch(self.model_set.scaler, self.windows, series, epoch_s, values, self.store, slots)
+        else:
+            batch = FeatureBatch(np.asarray(series, dtype=object), np.asarray(epoch_s, np.float64),
+                                 np.asarray(values, np.float64), None, None, self.store, slots)
         scores, expectations = {}, {}
         for name, det in self.detectors.items():
             scores[name], expected = det.score_expected(batch)

@@ -205,7 +205,8 @@ def worker_main(settings: Settings, worker_id: int) -> None:
 
     limit_threads(1)
     try:
-        scorers = {topic: Scorer(ModelSet.load(settings.model_dir, name), settings.combine, settings.decision)
+        scorers = {topic: Scorer(ModelSet.load(settings.model_dir, name), settings.combine, settings.decision,
+                                     settings.scoring, settings.outputs)
                    for topic, name in settings.topic_models().items()}
     except (ArtifactError, ValueError) as exc:
         log.error("cannot load models", error=str(exc))

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,28 @@ def test_dockerignore_matching():
     assert ignore.excluded("broker/pom.xml") and not ignore.excluded("broker/jmx-exporter.yaml")
     assert ignore.excluded("tests/data/x.csv") and not ignore.excluded("shared/tests.py")
     assert DockerIgnore("broker\n").excluded("broker/jmx-exporter.yaml")
+
+
+def dockerfile_requirements(extras: str) -> list[str]:
+    """What the Dockerfile's dependency layer installs for build arg EXTRAS, computed by running its
+    own RUN line's Python on this pyproject.toml (ARG values are environment variables in a RUN)."""
+    runs = " ".join(i for i in dockerfile_instructions(DOCKERFILE) if i.upper().startswith("RUN "))
+    code = re.search(r'python -c "(.*?)" +>', runs).group(1)
+    code = code.replace("/tmp/build/pyproject.toml", str(REPO / "pyproject.toml"))  # as the shell passes it
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "EXTRAS": extras},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("\n")
+
+
+def test_service_image_has_no_tensorflow_and_the_trainer_image_has_it():
+    services = dockerfile_requirements("")
+    trainer_args = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["trainer"]["build"]["args"]
+    trainer = dockerfile_requirements(trainer_args["EXTRAS"])
+    assert any(r.startswith("numpy") for r in services) and any(r.startswith("confluent-kafka") for r in services)
+    assert not any("tensorflow" in r for r in services), services
+    assert any(r.startswith("tensorflow-cpu") for r in trainer), trainer
+    # Every service but the trainer runs the TensorFlow-free image.
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    for name in ("detector", "logdetector", "rules", "alerter"):
+        assert compose[name]["image"] == "anomstream:latest" and "args" not in compose[name].get("build", {})

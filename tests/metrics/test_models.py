@@ -371,3 +371,29 @@ def test_detector_service_refuses_values_beyond_the_setting_max_abs_value(traine
         assert reason.startswith("value:") and "ANOMSTREAM_MAX_ABS_VALUE" in reason
     scored = [orjson.loads(o.value) for o in result.outputs if o.topic == settings.topic_scores]
     assert [r["source_offset"] for r in scored] == [0, 1, 4]
+
+
+# --- what is computed (issue 16: scoring "design" / "lean" / "all", outputs)
+
+def test_lean_scoring_computes_only_what_the_decision_needs_and_decides_the_same(trained, frame):
+    _, model_set = trained
+    cols = (frame["series"].to_numpy(), frame["epoch_s"].to_numpy(), frame["value"].to_numpy())
+    full = Scorer(model_set, scoring="all")
+    lean = Scorer(model_set, scoring="lean")
+    design = Scorer(model_set, scoring="design", outputs=["robust_zscore"])
+    everything, few, card = full.score(*cols), lean.score(*cols), design.score(*cols)
+    assert model_set.decision == DEFAULT_DECISION
+    assert set(few.scores) == {*DEFAULT_DECISION, "value_likelihood", "seasonal_likelihood", "seasonal"}
+    assert set(card.scores) == set(few.scores) | {"isolation_forest", "lstm_autoencoder", "robust_zscore"}
+    assert set(everything.scores) == set(model_set.outputs())
+    # Nothing the decision needs is computed differently; the feature windows are not even kept.
+    np.testing.assert_array_equal(few.is_anomaly, everything.is_anomaly)
+    np.testing.assert_array_equal(card.is_anomaly, everything.is_anomaly)
+    for name in few.scores:
+        np.testing.assert_array_equal(few.scores[name], everything.scores[name])
+    assert "window.values" not in lean.store.arrays and "window.values" in design.store.arrays
+    assert lean.store.bytes_per_series < full.store.bytes_per_series
+    with pytest.raises(ValueError, match="scoring"):
+        Scorer(model_set, scoring="fast")
+    with pytest.raises(ValueError, match="nope"):
+        Scorer(model_set, outputs=["nope"])

@@ -20,7 +20,7 @@ from shared.kafka import DeliveryTracker, make_producer
 
 pytestmark = pytest.mark.kafka
 
-STREAMING = ("value_likelihood", "robust_zscore", "seasonal_likelihood", "or[v+s]@0.5q100", "isolation_forest")
+STREAMING = ("value_likelihood", "seasonal", "seasonal_likelihood", "or[v+s]@0.5q100", "isolation_forest")
 
 
 def test_an_idle_series_is_evicted_counted_and_brought_back_from_the_changelog_unchanged(
