@@ -1,6 +1,6 @@
 """The bench's cardinality sweep: the cost of scoring a message, and the memory a series holds, as
 the number of live series grows (issue 14). In-process, one thread, no broker: the shipped Scorer
-(the detector workers' scoring path, TensorFlow on one thread as in a worker) on batches of
+(the detector workers' scoring path, with what setting `scoring` asks computed) on batches of
 `batch` messages spread evenly over N series, for each N asked (8, 1000, 100000 by default).
 
 Every series starts from a steady state, not a blank one: the NAB EC2 series are scored for
@@ -77,10 +77,11 @@ class Fleet:
         return self.names[s], self.times[b, q] + wraps * self.periods[b], self.values[b, q]
 
 
-def warm_states(model_set: ModelSet, bases: list[tuple[np.ndarray, np.ndarray]], batch: int) -> list[bytes]:
+def warm_states(model_set: ModelSet, bases: list[tuple[np.ndarray, np.ndarray]], batch: int,
+                scoring: str = "lean") -> list[bytes]:
     """Each NAB series scored for its first WARM_POINTS points (interleaved, in batches); returns
     their exported states, in base order. Also compiles the kernels and traces the network."""
-    scorer = Scorer(model_set)
+    scorer = Scorer(model_set, scoring=scoring)
     fleet = Fleet(bases, len(bases), 0, "warm")
     total = WARM_POINTS * len(bases)
     for first in range(0, total, batch):
@@ -89,7 +90,7 @@ def warm_states(model_set: ModelSet, bases: list[tuple[np.ndarray, np.ndarray]],
 
 
 def cardinality_sweep(model_dir: Path, model_name: str, nab_paths: list[Path], counts: list[int],
-                      batch: int = 5000, say=lambda text: None) -> dict:
+                      batch: int = 5000, say=lambda text: None, scoring: str = "lean") -> dict:
     """Runs the sweep; returns {"batch", "us_per_msg" (CPU), "wall_us_per_msg" (series count -> us),
     "measured_msgs" (series count -> messages timed), "state_bytes_per_series",
     "rss_bytes_per_series", "rss_series" (the series count it was measured at), "cost_ratio"
@@ -102,7 +103,7 @@ def cardinality_sweep(model_dir: Path, model_name: str, nab_paths: list[Path], c
     bases = [(g["epoch_s"].to_numpy(np.float64), g["value"].to_numpy(np.float64))
              for _, g in frame.groupby("series", sort=True)]
     say(f"sweep: model set {model_name} loaded ({time.monotonic() - started:.0f}s)")
-    blobs = warm_states(model_set, bases, batch)
+    blobs = warm_states(model_set, bases, batch, scoring)
     say(f"sweep: {len(bases)} NAB series warmed up for {WARM_POINTS} points each ({time.monotonic() - started:.0f}s)")
     gc.collect()
     gc.freeze()  # as a detector worker does once its models are loaded
@@ -112,7 +113,7 @@ def cardinality_sweep(model_dir: Path, model_name: str, nab_paths: list[Path], c
     for n in counts:
         rss0 = rss_bytes()
         fleet = Fleet(bases, n, WARM_POINTS, str(n))
-        scorer = Scorer(model_set)
+        scorer = Scorer(model_set, scoring=scoring)
         for i in range(0, n, LOAD_CHUNK):
             keys = fleet.names[i:i + LOAD_CHUNK].tolist()
             scorer.store.load(keys, [blobs[j % fleet.k] for j in range(i, i + len(keys))])
