@@ -19,7 +19,13 @@ from collections import Counter, defaultdict
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
-from shared.changelog import changelog_topic, ensure_changelog, restore, write
+from shared.changelog import (
+    RESTORE_BATCH,
+    changelog_topic,
+    ensure_changelog,
+    restore,
+    write,
+)
 from shared.config import Settings
 from shared.kafka import client_config
 
@@ -76,7 +82,10 @@ class SeriesChangelog:
 
     # -- scoring -------------------------------------------------------------------------------
     def bring_back(self, series: np.ndarray) -> None:
-        """Before scoring: series evicted as idle that come back are read from the changelog."""
+        """Before scoring: series evicted as idle that come back are read from the changelog. All of
+        a batch's returning series at once, one sequential read per changelog partition from the
+        lowest of their offsets to the highest (after a gap in the data, thousands of series come
+        back together: one fetch per series took minutes)."""
         if not self.evicted:
             return
         uniques = np.unique(np.asarray(series, dtype=object))
@@ -84,18 +93,43 @@ class SeriesChangelog:
         back = [k for k in missing.tolist() if k in self.evicted]  # only series not in memory
         if not back:
             return
-        consumer = self._consumer()
+        wanted: dict[int, dict[int, str]] = defaultdict(dict)  # partition -> offset -> series
         for key in back:
             p, off = self.evicted.pop(key)
-            consumer.assign([TopicPartition(self.name, p, off)])
-            msgs = [m for m in consumer.consume(1, 10) if not m.error()]
-            if msgs and msgs[0].key() == key.encode():
-                self.store.load([key], [msgs[0].value()], partition=p)
-                self.store.stored_at[self.store.find([key])[0]] = off
-                self.stats["series_brought_back"] += 1
-            else:
-                self.log.warning("evicted series not found in the changelog; it learns again", series=key,
-                                 changelog=self.name, partition=p, offset=off)
+            wanted[p][off] = key
+        consumer = self._consumer()
+        for p, by_offset in wanted.items():
+            found = self._read_offsets(consumer, p, by_offset)
+            if found:
+                keys = list(found)
+                self.store.load(keys, [found[k][0] for k in keys], partition=p)
+                self.store.stored_at[self.store.find(keys)] = [found[k][1] for k in keys]
+                self.stats["series_brought_back"] += len(found)
+            lost = [k for k in by_offset.values() if k not in found]
+            if lost:
+                self.log.warning("evicted series not found in the changelog; they learn again", series=len(lost),
+                                 example=lost[0], changelog=self.name, partition=p)
+
+    def _read_offsets(self, consumer: Consumer, partition: int, by_offset: dict[int, str]) -> dict[str, tuple]:
+        """series -> (state record, offset) of the records at these offsets of one changelog
+        partition, read in one pass from the lowest to the highest."""
+        first, last = min(by_offset), max(by_offset)
+        consumer.assign([TopicPartition(self.name, partition, first)])
+        found: dict[str, tuple] = {}
+        deadline = time.monotonic() + self.settings.state_restore_timeout_s
+        while len(found) < len(by_offset) and time.monotonic() < deadline:
+            msgs = consumer.consume(RESTORE_BATCH, 1.0)
+            if not msgs:  # a second without a record: past the partition's end
+                break
+            for m in msgs:
+                if m.error():
+                    continue
+                key = by_offset.get(m.offset())
+                if key is not None and m.key() == key.encode():
+                    found[key] = (m.value(), m.offset())
+            if max((m.offset() for m in msgs if not m.error()), default=-1) >= last:
+                break
+        return found
 
     # -- checkpoint ----------------------------------------------------------------------------
     def write_changed(self, producer, on_delivery) -> int:

@@ -67,3 +67,33 @@ def test_an_idle_series_is_evicted_counted_and_brought_back_from_the_changelog_u
     changelog.evict(t[1199])
     assert scorer.store.find(["c"])[0] >= 0
     changelog.close()
+
+
+def test_thousands_of_series_coming_back_together_are_read_back_in_one_pass(kafka_bootstrap, model_dir, tmp_path):
+    """After a gap in the data every series returns at once: all are read back (one sequential read
+    per changelog partition, not one fetch each), each with exactly the state it left with."""
+    run = uuid.uuid4().hex[:8]
+    settings = as_settings({"bootstrap_servers": kafka_bootstrap, "home": str(tmp_path / "home"),
+                            "state_idle_s": 3600, "state_topic_prefix": f"evict-many-{run}"})
+    scorer = Scorer(ModelSet.load(model_dir, "ec2_cpu"), scoring="lean")
+    changelog = SeriesChangelog(settings, f"input_{run}", scorer.store, setup_logging(settings, "test"))
+    changelog.ensure(2)
+    producer, tracker = make_producer(settings), DeliveryTracker()
+    n = 3000
+    names = np.array([f"host-{i}" for i in range(n)], dtype=object)
+    for step in range(5):  # five points per series, two checkpoints: older copies precede the last ones
+        scorer.score(names, np.full(n, 1.6e9 + 300.0 * step), np.arange(n, dtype=float) + step,
+                     partition=np.arange(n) % 2)
+        if step in (2, 4):
+            changelog.write_changed(producer, tracker)
+            tracker.flush(producer, timeout=60)
+    before = dict(zip(names.tolist(), scorer.store.export(scorer.store.find(names))))
+    changelog.evict(1.6e9 + 300.0 * 4 + 7200)  # two hours later: every series is idle
+    assert changelog.stats["series_evicted"] == n and (scorer.store.find(names) < 0).all()
+    changelog.bring_back(names)
+    assert changelog.stats["series_brought_back"] == n
+    slots = scorer.store.find(names)
+    assert (slots >= 0).all()
+    assert dict(zip(names.tolist(), scorer.store.export(slots))) == before
+    assert sorted(set(scorer.store.partition[slots].tolist())) == [0, 1]
+    changelog.close()
