@@ -70,6 +70,10 @@ from shared.records.dead_letter import (
 from shared.signals import stop_on_signals
 
 PROGRESS_EVERY_S = 10.0
+# Under a backlog (the last batch was full) a checkpoint waits at least this long: each one writes
+# every changed series' state and (exactly-once) commits a transaction, and behind a backlog the
+# latency a shorter interval buys is lost anyway; the state written per message falls with it.
+BACKLOG_CHECKPOINT_S = 1.0
 # The broker or the group coordinator away for a while (an outage, a coordinator move).
 TRANSIENT_COMMIT_ERRORS = COORDINATOR_ERRORS | {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._WAIT_COORD,
                                                 KafkaError._ALL_BROKERS_DOWN, KafkaError.REQUEST_TIMED_OUT}
@@ -327,6 +331,7 @@ class StreamLoop:
         self.paused = False  # keep_alive paused the assignment
         self.keeping_alive = False
         self.last_checkpoint = time.monotonic()
+        self.backlog = False  # the last batch was full: the input is behind
         self._stopping = False
         processor.attach(self)
 
@@ -389,8 +394,10 @@ class StreamLoop:
             self.dirty = True
         if result.handled is not None:
             self.stopping = True  # a later commit past the unhandled messages would leave a gap
-        if self.dirty and (self.stopping or time.monotonic() - self.last_checkpoint
-                           >= self.processor.checkpoint_interval_s):
+        interval = self.processor.checkpoint_interval_s
+        if self.backlog and interval > 0:  # a processor that checkpoints every batch keeps doing so
+            interval = max(interval, BACKLOG_CHECKPOINT_S)
+        if self.dirty and (self.stopping or time.monotonic() - self.last_checkpoint >= interval):
             self.checkpoint()
 
     def process_one_by_one(self, messages: list, now: float, note: bool = False) -> Result:
@@ -717,8 +724,11 @@ class StreamLoop:
         client holds plenty and the batches are full."""
         first = self.consumer.consume(1, self.settings.poll_timeout_s)
         if not first or batch_size == 1:
+            self.backlog = False
             return first
-        return first + self.consumer.consume(batch_size - 1, 0)
+        batch = first + self.consumer.consume(batch_size - 1, 0)
+        self.backlog = len(batch) == batch_size
+        return batch
 
     def finish(self) -> None:
         """Checkpoint what is pending; retry a commit an earlier rebalance refused."""

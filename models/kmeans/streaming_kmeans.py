@@ -22,7 +22,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from models.base import ArtifactError, Detector, read_json, write_json
 from models.metrics.features import VectorBatch
@@ -206,6 +205,9 @@ class RealTimeKMeans(Detector):
 
     # --- training -------------------------------------------------------------------------------
     def fit(self, history: VectorBatch) -> "RealTimeKMeans":
+        # Training only: a detector worker does not import scikit-learn.
+        from sklearn.cluster import KMeans
+
         p = self.params
         Z = self.preprocessor.fit(history).transform(history)
         ks = list(range(1, min(p["k_max"], len(Z)) + 1))

@@ -12,14 +12,16 @@ scikit-learn's to the last bit.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import joblib
 import numpy as np
 from numba import njit
-from sklearn.ensemble import IsolationForest
 
 from models.base import ArtifactError, Detector, read_json, write_json
 from models.metrics.features import FeatureBatch
+
+if TYPE_CHECKING:  # scikit-learn (about 90 MB) is imported only by a process that fits or loads one
+    from sklearn.ensemble import IsolationForest
 
 
 def average_path_length(n: np.ndarray) -> np.ndarray:
@@ -191,6 +193,8 @@ class IsolationForestDetector(Detector):
         self.forest: CompiledForest | None = None
 
     def fit(self, history: FeatureBatch) -> "IsolationForestDetector":
+        from sklearn.ensemble import IsolationForest
+
         self.model = IsolationForest(**self.params).fit(history.X)
         self.forest = CompiledForest(self.model)
         # sklearn flags a row when score_samples < offset_; with scores negated, that is > -offset_.
@@ -204,6 +208,8 @@ class IsolationForestDetector(Detector):
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        import joblib
+
         joblib.dump(self.model, folder / "isolation_forest.joblib")
         write_json(folder / "isolation_forest.json", {"params": self.params, "threshold": self.threshold})
 
@@ -214,6 +220,9 @@ class IsolationForestDetector(Detector):
         if not path.exists():
             raise ArtifactError(f"model artifact not found: {path}")
         det = cls(**meta["params"])
+        import joblib
+        from sklearn.ensemble import IsolationForest
+
         det.model = joblib.load(path)
         if not isinstance(det.model, IsolationForest):
             raise ArtifactError(f"{path} does not hold an IsolationForest")

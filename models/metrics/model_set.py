@@ -107,13 +107,23 @@ class ModelSet:
         return manifest
 
     @classmethod
-    def load(cls, model_dir: Path, name: str) -> "ModelSet":
+    def load(cls, model_dir: Path, name: str, detectors: list[str] | None = None) -> "ModelSet":
+        """The model set; with `detectors`, only those are loaded (and likelihoods and ensembles
+        that need another are left out)."""
         manifest = cls.read_manifest(model_dir, name)
         folder = cls.folder(model_dir, name)
-        detectors = {d: DETECTORS[d].load(folder / d) for d in manifest["detectors"]}
-        ensembles = {e: Ensemble.from_dict(e, p) for e, p in manifest.get("ensembles", {}).items()}
-        return cls(name, manifest["version"], Scaler.from_dict(manifest["scaler"]), detectors,
-                   manifest["likelihood_sources"], manifest["decision"], ensembles)
+        names = [d for d in manifest["detectors"] if detectors is None or d in detectors]
+        detectors = {d: DETECTORS[d].load(folder / d) for d in names}
+        sources = [s for s in manifest["likelihood_sources"] if s == "value" or s in detectors]
+        known = {*detectors, *(f"{src}_likelihood" for src in sources)}
+        ensembles = {}
+        for e, p in manifest.get("ensembles", {}).items():  # in order: one may combine an earlier one
+            if set(p["members"]) <= known:
+                ensembles[e] = Ensemble.from_dict(e, p)
+                known.add(e)
+        # The decision stays the manifest's: a Scorer given another (setting `decision`) uses that.
+        return cls(name, manifest["version"], Scaler.from_dict(manifest["scaler"]), detectors, sources,
+                   manifest["decision"], ensembles)
 
     def save(self, model_dir: Path, data_hash: str, rows: int) -> Path:
         folder = self.folder(model_dir, self.name)

@@ -44,20 +44,47 @@ DESIGN_OUTPUTS = ("isolation_forest", "lstm_autoencoder")
 SCORING = ("design", "lean", "all")
 
 
-def needed_outputs(model_set: ModelSet, wanted: list[str]) -> set[str]:
-    """`wanted` and everything they are computed from: an ensemble's members, a likelihood's
-    source detector."""
+def needed_outputs(ensembles: dict[str, list[str]], detectors, wanted: list[str]) -> set[str]:
+    """`wanted` and everything they are computed from: an ensemble's members (`ensembles`: name ->
+    members), a likelihood's source detector (one of `detectors`)."""
     needed, todo = set(), list(wanted)
     while todo:
         name = todo.pop()
         if name in needed:
             continue
         needed.add(name)
-        if name in model_set.ensembles:
-            todo += list(model_set.ensembles[name].members)
-        elif name.endswith("_likelihood") and name.removesuffix("_likelihood") in model_set.detectors:
+        if name in ensembles:
+            todo += list(ensembles[name])
+        elif name.endswith("_likelihood") and name.removesuffix("_likelihood") in detectors:
             todo.append(name.removesuffix("_likelihood"))
     return needed
+
+
+def wanted_outputs(decision: list[str], detectors, all_outputs: list[str], scoring: str,
+                   outputs: list[str] | None) -> list[str]:
+    """What `scoring` and `outputs` ask for besides the decision (see Scorer)."""
+    if scoring not in SCORING:
+        raise ValueError(f"unknown scoring {scoring!r} ({', '.join(SCORING)})")
+    wanted = [*decision, *(outputs or ())]
+    if scoring == "design":
+        wanted += [d for d in DESIGN_OUTPUTS if d in detectors]
+    elif scoring == "all":
+        wanted += all_outputs
+    return wanted
+
+
+def load_scorer(model_dir, name: str, rule: str = "or", decision: list[str] | None = None,
+                scoring: str = "all", outputs: list[str] | None = None) -> "Scorer":
+    """A Scorer of the model set `name`, loading only the detectors it computes (lean scoring does
+    not load IsolationForest nor the LSTM, nor import scikit-learn: about 90 MB per worker)."""
+    manifest = ModelSet.read_manifest(model_dir, name)
+    detectors = list(manifest["detectors"])
+    ensembles = {e: list(p["members"]) for e, p in manifest.get("ensembles", {}).items()}
+    everything = [*detectors, *(f"{src}_likelihood" for src in manifest["likelihood_sources"]), *ensembles]
+    decided = list(decision or manifest["decision"])
+    needed = needed_outputs(ensembles, detectors, wanted_outputs(decided, detectors, everything, scoring, outputs))
+    model_set = ModelSet.load(model_dir, name, detectors=[d for d in detectors if d in needed])
+    return Scorer(model_set, rule, decision, scoring, outputs)
 
 
 class Scorer:
@@ -70,8 +97,6 @@ class Scorer:
     def __init__(self, model_set: ModelSet, rule: str = "or", decision: list[str] | None = None,
                  scoring: str = "all", outputs: list[str] | None = None):
         combine({"x": np.zeros(1, bool)}, rule)  # reject a bad rule at start, not on the first batch
-        if scoring not in SCORING:
-            raise ValueError(f"unknown scoring {scoring!r} ({', '.join(SCORING)})")
         self.model_set = model_set
         self.rule = rule
         self.decision = list(decision or model_set.decision)
@@ -79,12 +104,9 @@ class Scorer:
         if unknown:
             raise ValueError(f"decision or outputs name unknown output(s) {sorted(unknown)}; "
                              f"model set {model_set.name} has {model_set.outputs()}")
-        wanted = [*self.decision, *(outputs or ())]
-        if scoring == "design":
-            wanted += [d for d in DESIGN_OUTPUTS if d in model_set.detectors]
-        elif scoring == "all":
-            wanted += model_set.outputs()
-        needed = needed_outputs(model_set, wanted)
+        wanted = wanted_outputs(self.decision, model_set.detectors, model_set.outputs(), scoring, outputs)
+        needed = needed_outputs({e: list(ens.members) for e, ens in model_set.ensembles.items()},
+                                model_set.detectors, wanted)
         self.detectors = {name: det.for_stream() for name, det in model_set.detectors.items() if name in needed}
         # The feature windows only for detectors that read them (IsolationForest, the LSTM).
         self.windows = SeriesWindows() if any(d.uses_features for d in self.detectors.values()) else None

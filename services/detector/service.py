@@ -200,13 +200,12 @@ def worker_main(settings: Settings, worker_id: int) -> None:
     log = setup_logging(settings, "detector").bind(worker=worker_id)
     watch_supervisor(on_supervisor_gone)
     from models.inference import limit_threads
-    from models.metrics.model_set import ModelSet
-    from models.metrics.scorer import Scorer
+    from models.metrics.scorer import load_scorer
 
     limit_threads(1)
     try:
-        scorers = {topic: Scorer(ModelSet.load(settings.model_dir, name), settings.combine, settings.decision,
-                                     settings.scoring, settings.outputs)
+        scorers = {topic: load_scorer(settings.model_dir, name, settings.combine, settings.decision,
+                                      settings.scoring, settings.outputs)
                    for topic, name in settings.topic_models().items()}
     except (ArtifactError, ValueError) as exc:
         log.error("cannot load models", error=str(exc))

@@ -31,7 +31,7 @@ from models.metrics.model_set import (
     data_hash,
     train_model_set,
 )
-from models.metrics.scorer import Scorer, combine
+from models.metrics.scorer import Scorer, combine, load_scorer
 from models.metrics.synthetic import transactions
 from shared.records.metrics import ScoreRecord, decode_metrics, encode_score_records
 
@@ -397,3 +397,16 @@ def test_lean_scoring_computes_only_what_the_decision_needs_and_decides_the_same
         Scorer(model_set, scoring="fast")
     with pytest.raises(ValueError, match="nope"):
         Scorer(model_set, outputs=["nope"])
+
+
+def test_load_scorer_loads_only_the_detectors_it_computes(trained, frame):
+    folder, model_set = trained
+    cols = (frame["series"].to_numpy(), frame["epoch_s"].to_numpy(), frame["value"].to_numpy())
+    lean = load_scorer(folder, "unit", scoring="lean")
+    assert set(lean.model_set.detectors) == {"seasonal"}  # no IsolationForest, no LSTM loaded
+    design = load_scorer(folder, "unit", scoring="design")
+    assert set(design.model_set.detectors) == {"seasonal", "isolation_forest", "lstm_autoencoder"}
+    seed = load_scorer(folder, "unit", decision=SEED_DECISION, scoring="lean")
+    assert set(seed.model_set.detectors) == set(SEED_DECISION)
+    full = Scorer(model_set, scoring="lean").score(*cols)
+    np.testing.assert_array_equal(lean.score(*cols).is_anomaly, full.is_anomaly)
