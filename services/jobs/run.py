@@ -245,9 +245,22 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
             return delta(before[settings.topic_kafka_metrics], end_offsets(settings, settings.topic_kafka_metrics))
 
         wait_for(lambda: detector_caught_up(settings), timeout, f"{sent} scores", procs)
-        # The broker's own metrics, once the replay is scored (the model knows the scenario's traffic,
-        # not the replay's): a known load with one burst and one large message, scraped every
-        # second to kafka_metrics, where the Real-Time K-Means scores them.
+        # The rules service records how far it read with each batch of checks; once it read
+        # everything and the partitions went idle, every window the watermark passed is checked.
+        inputs_end = {t: end_offsets(settings, t) for t in rules_topics}
+        history = RunHistory(rules_env["ANOMSTREAM_RULES_DB_URL"])
+        wait_for(lambda: all(history.progress(rules_env["ANOMSTREAM_RULES_GROUP"]).get((t, p), 0) >= o
+                             for t in rules_topics for p, o in inputs_end[t].items()),
+                 timeout, "the rules service to read every input", procs)
+        time.sleep(settings.rules_idle_partition_s + 3)
+        # The scenario's broker metrics are compared with a recording made on a quiet broker: the
+        # replay's alerts handled first (the scenario used to start while the rules service and the
+        # alerter were still at work, whose traffic the model rightly flagged in most scrapes).
+        wait_for(lambda: caught_up(settings, settings.alerter_group, settings.topic_anomalies),
+                 timeout, "the alerter to handle the replay's anomalies", procs)
+        # The broker's own metrics, once the replay is scored and checked (the model knows the
+        # scenario's traffic, not the replay's): a known load with one burst and one large message,
+        # scraped every second to kafka_metrics, where the Real-Time K-Means scores them.
         scenario_csv = log_dir / "kafka_load.csv"
         metrics_url = broker.metrics_url if broker is not None else settings.metrics_exporter_url
         with open(log_dir / "scenario.log", "ab") as scenario_log:
@@ -258,14 +271,6 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
                 env=env, stdout=scenario_log, stderr=subprocess.STDOUT)
         log.info("broker-metrics scenario started", rows=scenario_rows, log=str(log_dir / "scenario.log"))
 
-        # The rules service records how far it read with each batch of checks; once it read
-        # everything and the partitions went idle, every window the watermark passed is checked.
-        inputs_end = {t: end_offsets(settings, t) for t in rules_topics}
-        history = RunHistory(rules_env["ANOMSTREAM_RULES_DB_URL"])
-        wait_for(lambda: all(history.progress(rules_env["ANOMSTREAM_RULES_GROUP"]).get((t, p), 0) >= o
-                             for t in rules_topics for p, o in inputs_end[t].items()),
-                 timeout, "the rules service to read every input", procs)
-        time.sleep(settings.rules_idle_partition_s + 3)
         scenario = procs.pop("scenario")
         if scenario.wait(timeout) != 0:
             raise RuntimeError(f"the broker-metrics scenario exited with {scenario.returncode}; see "
