@@ -15,7 +15,7 @@ from models.metrics.ensemble import Ensemble
 from models.metrics.explain import explain
 from models.metrics.features import FeatureBatch, SeriesWindows, build_batch
 from models.metrics.likelihood import AnomalyLikelihood
-from models.metrics.model_set import ModelSet
+from models.metrics.model_set import SEED_DECISION, ModelSet
 from models.state import SeriesState
 
 
@@ -39,8 +39,9 @@ def combine(flags: dict[str, np.ndarray], rule: str) -> np.ndarray:
     raise ValueError(f"unknown combine rule {rule!r} (or, and, majority)")
 
 
-# The outputs the design card names: computed on every message unless scoring is "lean".
-DESIGN_OUTPUTS = ("isolation_forest", "lstm_autoencoder")
+# The outputs the design card names (the seed's detectors): computed on every message unless
+# scoring is "lean".
+DESIGN_OUTPUTS = tuple(SEED_DECISION)
 SCORING = ("design", "lean", "all")
 
 
@@ -80,9 +81,9 @@ def load_scorer(model_dir, name: str, rule: str = "or", decision: list[str] | No
     manifest = ModelSet.read_manifest(model_dir, name)
     detectors = list(manifest["detectors"])
     ensembles = {e: list(p["members"]) for e, p in manifest.get("ensembles", {}).items()}
-    everything = [*detectors, *(f"{src}_likelihood" for src in manifest["likelihood_sources"]), *ensembles]
     decided = list(decision or manifest["decision"])
-    needed = needed_outputs(ensembles, detectors, wanted_outputs(decided, detectors, everything, scoring, outputs))
+    # Only detectors are loaded, so "all" needs every detector, not every output.
+    needed = needed_outputs(ensembles, detectors, wanted_outputs(decided, detectors, detectors, scoring, outputs))
     model_set = ModelSet.load(model_dir, name, detectors=[d for d in detectors if d in needed])
     return Scorer(model_set, rule, decision, scoring, outputs)
 
