@@ -8,7 +8,10 @@ processor is the second line of defence for a secret that reaches a log line som
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
+import time
 
 import structlog
 
@@ -70,3 +73,50 @@ def setup_logging(settings: Settings, service: str) -> structlog.stdlib.BoundLog
 
 def get_logger(**context) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(**context)
+
+
+class LibrdkafkaLogger(logging.Logger):
+    """librdkafka's own log lines (confluent-kafka's `logger` property) as structured records instead
+    of raw `%3|...` lines on stderr. With the broker away librdkafka repeats the same line many
+    times a second: a line whose text (digits aside) was logged in the last REPEAT_EVERY_S is
+    counted, and the count goes out with the next one logged."""
+
+    REPEAT_EVERY_S = 30.0
+
+    def __init__(self):
+        super().__init__("librdkafka")
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def log(self, level, msg, *args, **kwargs):  # confluent-kafka calls log(level, "%s [%s] %s", fac, name, text)
+        facility, client, text = (list(args) + ["", "", ""])[:3] if len(args) >= 3 else ("", "", msg % args)
+        key = (str(facility), re.sub(r"\d+", "#", str(text))[:200])
+        now = time.monotonic()
+        with self._lock:
+            last, repeated = self._last.get(key, (-1e18, 0))
+            if now - last < self.REPEAT_EVERY_S:
+                self._last[key] = (last, repeated + 1)
+                return
+            self._last[key] = (now, 0)
+            if len(self._last) > 1000:  # bounded: forget the oldest lines
+                for k in sorted(self._last, key=lambda k: self._last[k][0])[:500]:
+                    del self._last[k]
+        method = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}.get(level, "error")
+        fields = {"facility": facility, "client": client}
+        if repeated:
+            fields["repeated"] = repeated
+        try:
+            getattr(structlog.get_logger(source="librdkafka"), method)(str(text), **fields)
+        except Exception:  # noqa: BLE001 - a log line must never fail the Kafka call that served it
+            pass
+
+
+_kafka_logger: LibrdkafkaLogger | None = None
+
+
+def librdkafka_logger() -> LibrdkafkaLogger:
+    """The one logger every Kafka client of this process logs through (shared.kafka.client_config)."""
+    global _kafka_logger
+    if _kafka_logger is None:
+        _kafka_logger = LibrdkafkaLogger()
+    return _kafka_logger

@@ -16,10 +16,15 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from shared.app_logging import librdkafka_logger
 from shared.config import Settings
 
 
-def client_config(settings: Settings) -> dict:
+def client_config(settings: Settings, *properties: dict) -> dict:
+    """The connection settings, then `properties` (the client's own tuning and guarantees, later
+    ones winning), then ANOMSTREAM_KAFKA_EXTRA, which wins over the tuning (the properties the
+    guarantees depend on are refused in it: shared.config.GUARANTEE_PROPERTIES). librdkafka's own
+    log lines go through the structured logger."""
     conf: dict = {
         "bootstrap.servers": settings.bootstrap_servers,
         "security.protocol": settings.security_protocol,
@@ -32,7 +37,10 @@ def client_config(settings: Settings) -> dict:
         conf["sasl.password"] = settings.sasl_password.get_secret_value()
     if settings.ssl_ca_location:
         conf["ssl.ca.location"] = settings.ssl_ca_location
+    for props in properties:
+        conf.update(props)
     conf.update(settings.kafka_extra)
+    conf["logger"] = librdkafka_logger()
     return conf
 
 
@@ -44,7 +52,7 @@ READ_COMMITTED = {"isolation.level": "read_committed"}
 
 
 def make_producer(settings: Settings, **overrides) -> Producer:
-    conf = client_config(settings) | {
+    conf = client_config(settings, {
         # Idempotence gives ordered, de-duplicated retries per partition: a retry after a
         # lost ack does not write the output twice.
         "enable.idempotence": True,
@@ -56,8 +64,7 @@ def make_producer(settings: Settings, **overrides) -> Producer:
         # The dead_letter topic is created with the same max.message.bytes (ensure_topics); a
         # dead letter over it goes out as a bounded summary (shared.stream).
         "message.max.bytes": settings.max_produce_bytes,
-    }
-    conf.update(overrides)
+    }, overrides)
     return Producer(conf)
 
 
@@ -110,21 +117,18 @@ class GroupConsumer(Consumer):
 def make_consumer(settings: Settings, group_id: str, instance_id: str | None = None, leave_on_close: bool = True,
                   **overrides) -> GroupConsumer:
     """A consumer of `group_id`; with `instance_id` a static member of it (group_instance_id())."""
-    conf = client_config(settings) | READ_COMMITTED | {
+    conf = client_config(settings, READ_COMMITTED, {
         "group.id": group_id,
         # Offsets are committed by hand, after the batch's outputs are acknowledged.
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
+        "auto.offset.reset": settings.auto_offset_reset,
         "fetch.max.bytes": 52_428_800,
         "queued.min.messages": 200_000,
         # range balances each topic on its own: every worker gets an input_data partition (the
         # cooperative-sticky balance over both topics together often left one worker without any).
         "partition.assignment.strategy": "range",
-    }
-    if instance_id:
-        conf["group.instance.id"] = instance_id
-    conf.update(overrides)
+    }, {"group.instance.id": instance_id} if instance_id else {}, overrides)
     return GroupConsumer(conf, leave_on_close)
 
 

@@ -14,6 +14,10 @@ from models.metrics.features import VectorBatch, read_series_csv
 from services.jobs.logs_train import train_log_model
 from shared.local_broker import LocalBroker, free_port
 
+# Settings made in this process (helpers.as_settings) read the tests' own topics from the start, as
+# the services the tests start do (helpers.Service).
+os.environ.setdefault("ANOMSTREAM_AUTO_OFFSET_RESET", "earliest")
+
 
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory) -> dict:
