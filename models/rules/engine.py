@@ -23,6 +23,7 @@ import numpy as np
 
 from models.rules.conditions import ConditionOutcome, condition_state, no_data_outcome
 from models.rules.definitions import Definition, RatioCondition, compile_predicate
+from shared.records.metrics import TimestampUnit, parse_timestamp
 
 NO_GROUP = "*"  # the group key of a definition without group_by
 MAX_FUTURE_S = 86400  # an event time further ahead of this clock is refused as a producer error
@@ -49,21 +50,6 @@ class Check:
     @property
     def fired(self) -> bool:
         return self.status == "fired"
-
-
-def parse_event_time(value) -> float | None:
-    """Epoch seconds (number) or ISO 8601 (naive = UTC) -> epoch seconds; None when neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        try:
-            ts = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).timestamp()
-    return None
 
 
 class _Window:
@@ -202,8 +188,9 @@ class DefinitionRunner:
 
 class RuleEngine:
     def __init__(self, definitions: Iterable[Definition] = (), default_lateness_s: float = 60.0,
-                 idle_partition_s: float = 10.0):
+                 idle_partition_s: float = 10.0, timestamp_unit: TimestampUnit = "seconds"):
         self.default_lateness_s = default_lateness_s
+        self.timestamp_unit = timestamp_unit  # of a number in a timestamp field (setting timestamp_unit)
         self.idle_partition_s = idle_partition_s
         self.runners: dict[str, DefinitionRunner] = {}
         # topic -> partition -> [newest event time, processing time it last delivered]
@@ -244,10 +231,11 @@ class RuleEngine:
                 continue
             ts_field = d.query.timestamp_field
             if ts_field not in times:
-                times[ts_field] = parse_event_time(record.get(ts_field))
+                times[ts_field] = parse_timestamp(record.get(ts_field), self.timestamp_unit)
             ts = times[ts_field]
             if ts is None:
-                problems.append(f"{d.name}: {ts_field!r} is missing or not a timestamp (ISO 8601 or epoch seconds)")
+                problems.append(f"{d.name}: {ts_field!r} is missing or not a timestamp (ISO 8601, or epoch "
+                                f"{self.timestamp_unit} in 1970..2200)")
                 continue
             if not 0 <= ts <= time.time() + MAX_FUTURE_S:
                 # e.g. epoch milliseconds: it would carry the watermark centuries ahead and make

@@ -39,7 +39,9 @@ from shared.kafka import (
     ensure_topics,
     group_instance_id,
 )
-from shared.records.rules import RuleFiringRecord, decode_object
+from shared.records.common import decode_object
+from shared.records.metrics import MetricInput, decode_metric_fields
+from shared.records.rules import RuleFiringRecord
 from shared.stream import Output, Processor, Result, StreamLoop
 
 
@@ -68,6 +70,8 @@ class RulesProcessor(Processor):
     def __init__(self, settings: Settings, log):
         self.settings = settings
         self.log = log
+        self.metric_topics = set(settings.topic_models())
+        self.metric_input = MetricInput.of(settings)
         self.folder = DefinitionFolder(settings.rules_dir)
         self.history = RunHistory(settings.rules_db_url)
         self.active: list[Definition] = []
@@ -116,7 +120,8 @@ class RulesProcessor(Processor):
         """An engine as after a restart: each group's state and the read positions from the run
         history; open windows are rebuilt by reading again from the committed offsets."""
         engine = RuleEngine(default_lateness_s=self.settings.rules_allowed_lateness_s,
-                            idle_partition_s=self.settings.rules_idle_partition_s)
+                            idle_partition_s=self.settings.rules_idle_partition_s,
+                            timestamp_unit=self.settings.timestamp_unit)
         engine.set_definitions(self.active)
         for name, runner in engine.runners.items():
             engine.restore(name, runner.version, self.history.latest_states(name, runner.version))
@@ -139,12 +144,11 @@ class RulesProcessor(Processor):
 
     # -- one batch -----------------------------------------------------------------------------
     def process(self, messages: list, now: float) -> Result:
-        s, result = self.settings, Result()
+        result = Result()
         for m in messages:
             tp = (m.topic(), m.partition())
             try:
-                problems = self.engine.add(m.topic(), m.partition(), m.offset(),
-                                           decode_object(m.value(), s.max_message_bytes), now)
+                problems = self.engine.add(m.topic(), m.partition(), m.offset(), self.decode(m), now)
             except ValueError as exc:
                 problems = [str(exc)]
             if problems:
@@ -161,6 +165,14 @@ class RulesProcessor(Processor):
         self.pending += checks
         result.state_changed = bool(checks)
         return result
+
+    def decode(self, m) -> dict:
+        """A message of a metric topic (one the detector scores) is read as the detector reads it,
+        labels included, with the same refusals; any other topic's is any JSON object."""
+        s = self.settings
+        if m.topic() in self.metric_topics:
+            return decode_metric_fields(m.value(), s.max_message_bytes, s.max_abs_value, self.metric_input)
+        return decode_object(m.value(), s.max_message_bytes)
 
     def fire(self, check: Check) -> Output:
         definition = self.engine.runners[check.definition].definition

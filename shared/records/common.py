@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, Strict, ValidationError
 
 
@@ -71,3 +72,15 @@ def iso_utc(epoch_s: np.ndarray) -> list[str]:
     """Vectorised epoch seconds -> ISO 8601 strings with a Z suffix."""
     stamps = np.datetime_as_string(np.asarray(epoch_s * 1000, dtype="int64").astype("datetime64[ms]"), unit="s")
     return [s + "Z" for s in stamps.tolist()]
+
+
+def decode_object(payload: bytes | None, max_bytes: int) -> dict:
+    """A message as any JSON object (the rules service filters on any field); raises ValueError."""
+    check_size(payload, max_bytes)
+    try:
+        record = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"Invalid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"a message must be a JSON object, not {type(record).__name__}")
+    return record

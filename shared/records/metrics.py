@@ -18,6 +18,7 @@ from shared.records.common import (
     StrictFloat,
     bounded,
     check_size,
+    decode_object,
     describe_errors,
     epoch_seconds,
     iso_utc,
@@ -61,8 +62,129 @@ _MetricFields = TypedDict("_MetricFields", {  # type: ignore[misc]
     name: Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
     for name, f in MetricRecord.model_fields.items()})
 _MetricFields.__pydantic_config__ = ConfigDict(**{k: v for k, v in MetricRecord.model_config.items() if k != "frozen"})
-_metric_fields = TypeAdapter(_MetricFields)
+_METRIC_CONFIG = {k: v for k, v in MetricRecord.model_config.items() if k != "frozen"}
+TimestampUnit = Literal["seconds", "milliseconds"]
+
+
+def _adapter(fields, unit: TimestampUnit) -> TypeAdapter:
+    """A validator of `fields` reading a number as epoch `unit` (the setting timestamp_unit)."""
+    fields = TypedDict(fields.__name__, fields.__annotations__, total=fields.__total__)  # type: ignore[misc]
+    fields.__pydantic_config__ = ConfigDict(**(_METRIC_CONFIG | {"val_temporal_unit": unit}))
+    return TypeAdapter(fields)
+
+
+_metric_fields = {unit: _adapter(_MetricFields, unit) for unit in ("seconds", "milliseconds")}
 _KEYS = tuple(f'"{name}"'.encode() for name in MetricRecord.model_fields)
+
+# --- Labelled input: {"metric": "cpu", "labels": {"host": "a"}, "timestamp": ..., "value": ...} ---
+# The series identity is the metric and its labels sorted by name, written as Prometheus writes a
+# series: cpu{host="a",region="eu"}. Top-level fields named in the setting label_fields are labels
+# too; any other field is refused, in the detector and the rules service alike.
+UNKNOWN_FIELD = "unknown field; a field that is a label goes in `labels` or is named in ANOMSTREAM_LABEL_FIELDS"
+LABEL_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+MAX_LABELS = 32
+MAX_SERIES_CHARS = 1024  # of a labelled series' identity
+RESERVED_LABELS = frozenset({"series", "metric", "labels", "timestamp", "value"})
+LabelName = Annotated[str, Strict(), Field(min_length=1, max_length=128, pattern=LABEL_NAME)]
+LabelValue = Annotated[str, Strict(), Field(min_length=1, max_length=256, pattern=_SERIES_PATTERN)]
+_LabelledFields = TypedDict("_LabelledFields", {  # type: ignore[misc]
+    "metric": SeriesName,
+    "labels": Annotated[dict[LabelName, LabelValue], Field(max_length=MAX_LABELS)],
+    "timestamp": Timestamp,
+    "value": StrictFloat,
+}, total=False)
+_labelled_fields = {unit: _adapter(_LabelledFields, unit) for unit in ("seconds", "milliseconds")}
+
+
+def series_identity(metric: str, labels: dict[str, str]) -> str:
+    """metric{a="x",b="y"}: the labels sorted by name, `\\` and `"` escaped in values."""
+    if not labels:
+        return metric
+    inner = ",".join('{}="{}"'.format(k, labels[k].replace("\\", "\\\\").replace('"', '\\"'))
+                     for k in sorted(labels))
+    return f"{metric}{{{inner}}}"
+
+
+_LABEL_PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+
+
+def series_labels(series: str) -> tuple[str, dict[str, str]]:
+    """The metric and labels of a series identity (series_identity's inverse); a plain series
+    name is a metric without labels."""
+    if not series.endswith("}") or "{" not in series:
+        return series, {}
+    metric, inner = series[:series.index("{")], series[series.index("{") + 1:-1]
+    pairs = _LABEL_PAIR.findall(inner)
+    if not pairs:
+        return series, {}
+    return metric, {k: re.sub(r"\\(.)", r"\1", v) for k, v in pairs}
+
+
+@dataclass(frozen=True)
+class MetricInput:
+    """How a team's metric messages are read (settings label_fields and timestamp_unit): the same
+    in every service that reads them."""
+
+    label_fields: tuple[str, ...] = ()
+    timestamp_unit: TimestampUnit = "seconds"
+
+    @classmethod
+    def of(cls, settings) -> MetricInput:
+        return cls(tuple(settings.label_fields), settings.timestamp_unit)
+
+    def plain(self, payload: bytes) -> bool:
+        """Today's shape {series, timestamp, value} and nothing to map: the fast validator."""
+        return (b'"metric"' not in payload and b'"labels"' not in payload
+                and not any(f'"{f}"'.encode() in payload for f in self.label_fields))
+
+
+def _decode_labelled(payload: bytes, fmt: MetricInput) -> dict:
+    """A labelled message -> the plain fields (series: its identity) plus metric and labels."""
+    obj = decode_object(payload, len(payload))
+    labels = obj.get("labels", {})
+    if not isinstance(labels, dict):
+        raise ValueError("labels: must be an object of label name -> string value")
+    labels = dict(labels)
+    for name in fmt.label_fields:
+        if name in obj:
+            given = obj.pop(name)
+            if not isinstance(given, str):
+                raise ValueError(f"{printable(name)}: a label (setting ANOMSTREAM_LABEL_FIELDS) must be a string, "
+                                 f"not {type(given).__name__}")
+            if name in labels:
+                raise ValueError(f"{printable(name)}: given both as a field and in labels")
+            labels[name] = given
+    if labels:
+        obj["labels"] = labels
+    has_series, has_metric = "series" in obj, "metric" in obj
+    if has_series == has_metric:
+        raise ValueError("metric: a message names its series with `metric` (and `labels`) or `series`, "
+                         + ("not both" if has_series else "and has neither"))
+    if has_series:
+        obj["metric"] = obj.pop("series")
+    extra = sorted(set(obj) - set(_LabelledFields.__annotations__))
+    if extra:
+        raise ValueError(bounded(f"{printable(extra[0])}: {UNKNOWN_FIELD}"
+                                 + (f" (and {len(extra) - 1} more unknown fields)" if len(extra) > 1 else "")))
+    reserved = sorted(set(labels) & RESERVED_LABELS)
+    if reserved:
+        raise ValueError(f"labels.{reserved[0]}: a reserved name (series, metric, labels, timestamp, value) "
+                         "cannot be a label")
+    missing = [k for k in ("timestamp", "value") if k not in obj]
+    if missing:
+        raise ValueError("; ".join(f"{k}: Field required" for k in missing))
+    try:
+        fields = _labelled_fields[fmt.timestamp_unit].validate_python(obj)
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc, _explain_labelled)) from None
+    if "{" in fields["metric"] and fields.get("labels"):
+        raise ValueError("metric: `{` cannot be part of a metric name that has labels (it starts the labels "
+                         "in the series identity)")
+    fields["series"] = series_identity(fields["metric"], fields.get("labels", {}))
+    if len(fields["series"]) > MAX_SERIES_CHARS:
+        raise ValueError(f"labels: the series identity (metric and labels) is {len(fields['series'])} characters, "
+                         f"more than {MAX_SERIES_CHARS}")
+    return fields
 
 
 def _series_problem(name: str) -> str:
@@ -78,13 +200,16 @@ def _series_problem(name: str) -> str:
 def _timestamp_problem(given) -> str:
     shown = printable(given if isinstance(given, str) else repr(given), 40)
     return (f"{shown} is outside 1970-01-01..2200-01-01 (epoch seconds 0..{LATEST.timestamp():.0f}); a number is "
-            "read as epoch seconds, never as milliseconds: send seconds or an ISO 8601 string")
+            "read as epoch seconds, never as milliseconds unless ANOMSTREAM_TIMESTAMP_UNIT=milliseconds: send seconds, "
+            "an ISO 8601 string, or set that")
 
 
 def _explain(error: dict) -> str | None:
     """Our own words for what pydantic says in its own: which character of a series name is wrong,
     and why a timestamp is refused."""
     loc, kind = error["loc"], error["type"]
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return UNKNOWN_FIELD
     if loc == ("series",) and kind == "string_pattern_mismatch":
         return _series_problem(error["input"])
     if loc == ("timestamp",):
@@ -96,6 +221,30 @@ def _explain(error: dict) -> str | None:
         if isinstance(given, (int, float)) and not isinstance(given, bool) and not 0 <= given < LATEST.timestamp():
             return _timestamp_problem(error["input"])
     return None
+
+
+_timestamps = {unit: TypeAdapter(Timestamp, config=ConfigDict(val_temporal_unit=unit))
+               for unit in ("seconds", "milliseconds")}
+
+
+def parse_timestamp(value, unit: TimestampUnit = "seconds") -> float | None:
+    """A timestamp field of any message -> epoch seconds, read exactly as a metric's timestamp is
+    (ISO 8601, naive = UTC, or a number of epoch `unit`, in 1970..2200); None when it is not one."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return epoch_seconds(_timestamps[unit].validate_python(value))
+    except ValidationError:
+        return None
+
+
+def _explain_labelled(error: dict) -> str | None:
+    if error["loc"][:1] == ("metric",):
+        return _explain(error | {"loc": ("series",)})
+    if error["loc"][:1] == ("labels",) and error["type"] == "string_pattern_mismatch" and error["loc"][-1] == "[key]":
+        return (f"{printable(str(error['input']))}: a label name is letters, digits and _ and does not start "
+                "with a digit")
+    return _explain(error)
 
 
 @dataclass
@@ -142,17 +291,20 @@ def _duplicate_key(payload: bytes) -> str | None:
     return None
 
 
-def _decode(payload: bytes | None, max_bytes: int, max_abs_value: float) -> dict:
+def _decode(payload: bytes | None, max_bytes: int, max_abs_value: float, fmt: MetricInput = MetricInput()) -> dict:
     """One message, validated alone; raises ValueError with the reason."""
     check_size(payload, max_bytes)
     key = _duplicate_key(payload)
     if key is not None:
         raise ValueError(f"{printable(key)}: duplicate key (the key appears more than once; a JSON parser "
                          "would keep only the last)")
-    try:
-        fields = _metric_fields.validate_json(payload)
-    except ValidationError as exc:
-        raise ValueError(describe_errors(exc, _explain)) from None
+    if fmt.plain(payload):
+        try:
+            fields = _metric_fields[fmt.timestamp_unit].validate_json(payload)
+        except ValidationError as exc:
+            raise ValueError(describe_errors(exc, _explain)) from None
+    else:
+        fields = _decode_labelled(payload, fmt)
     value = fields["value"]
     if not -max_abs_value <= value <= max_abs_value:
         raise ValueError(bounded(f"value: {value:.6g} is outside the accepted range "
@@ -160,21 +312,36 @@ def _decode(payload: bytes | None, max_bytes: int, max_abs_value: float) -> dict
     return fields
 
 
-def decode_metric(payload: bytes | None, max_bytes: int, max_abs_value: float = DEFAULT_MAX_ABS_VALUE) -> MetricRecord:
+def decode_metric(payload: bytes | None, max_bytes: int, max_abs_value: float = DEFAULT_MAX_ABS_VALUE,
+                  fmt: MetricInput = MetricInput()) -> MetricRecord:
     """Validate one message; raises ValueError with a reason a person can act on (`field: what is
-    wrong`, bounded in size)."""
-    return MetricRecord.model_construct(**_decode(payload, max_bytes, max_abs_value))
+    wrong`, bounded in size). A labelled message gives its series identity as `series`."""
+    fields = _decode(payload, max_bytes, max_abs_value, fmt)
+    return MetricRecord.model_construct(series=fields["series"], timestamp=fields["timestamp"], value=fields["value"])
+
+
+def decode_metric_fields(payload: bytes | None, max_bytes: int, max_abs_value: float = DEFAULT_MAX_ABS_VALUE,
+                         fmt: MetricInput = MetricInput()) -> dict:
+    """One message as the fields a rule filters and groups on: series (the identity), metric,
+    timestamp (ISO 8601, UTC: read alike whatever the timestamp unit), value and each label by its
+    name; raises ValueError as decode_metric."""
+    fields = _decode(payload, max_bytes, max_abs_value, fmt)
+    ts = fields["timestamp"]
+    out = {"series": fields["series"], "metric": fields.get("metric", fields["series"]),
+           "timestamp": (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).isoformat(), "value": fields["value"]}
+    out.update(fields.get("labels", {}))
+    return out
 
 
 def decode_metrics(payloads: list[bytes | None], max_bytes: int,
-                   max_abs_value: float = DEFAULT_MAX_ABS_VALUE) -> DecodedBatch:
+                   max_abs_value: float = DEFAULT_MAX_ABS_VALUE, fmt: MetricInput = MetricInput()) -> DecodedBatch:
     """Decode a batch, each message validated on its own (exactly as decode_metric): no message can
     run on into its neighbour or carry two records, whatever bytes it holds."""
     out = DecodedBatch()
     records = []
     for i, payload in enumerate(payloads):
         try:
-            records.append(_decode(payload, max_bytes, max_abs_value))
+            records.append(_decode(payload, max_bytes, max_abs_value, fmt))
         except ValueError as exc:
             out.errors.append((i, str(exc)))
         else:

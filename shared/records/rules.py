@@ -5,22 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict
 
-from shared.records.common import Record, check_size
-
-
-def decode_object(payload: bytes | None, max_bytes: int) -> dict:
-    """A message as any JSON object (the rules service filters on any field); raises ValueError."""
-    check_size(payload, max_bytes)
-    try:
-        record = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"Invalid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"a message must be a JSON object, not {type(record).__name__}")
-    return record
+from shared.records.common import Record
 
 
 class ConditionResult(BaseModel):

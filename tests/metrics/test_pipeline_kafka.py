@@ -90,7 +90,7 @@ MALFORMED = [
     (b'{"series": "s", "timestamp": "2014-02-14T14:30:00Z", "value": NaN}', "finite"),
     (b'{"series": "s", "timestamp": "2014-02-14T14:30:00Z", "value": 1e999}', "finite"),
     (b'{"series": "s", "timestamp": "yesterday-ish", "value": 1.0}', "timestamp"),
-    (b'{"series": "s", "timestamp": "2014-02-14T14:30:00Z", "value": 1.0, "host": "x"}', "Extra inputs"),
+    (b'{"series": "s", "timestamp": "2014-02-14T14:30:00Z", "value": 1.0, "host": "x"}', "host: unknown field"),
     (b'{"series": 42, "timestamp": "2014-02-14T14:30:00Z", "value": 1.0}', "series"),
     (b'[1, 2, 3]', "payload: Input should be an object"),
     (b'{"series": "s", "timestamp": 1, "value": 1}, {"series": "s", "timestamp": 2, "value": 2}', "Invalid JSON"),
