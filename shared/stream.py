@@ -68,8 +68,23 @@ from shared.records.dead_letter import (
     dead_letter_summary,
 )
 from shared.signals import stop_on_signals
+from shared.telemetry import (
+    ANOMALIES,
+    BATCH_SECONDS,
+    COMMITS,
+    CONSUMED,
+    DEAD_LETTERED,
+    LAG,
+    PRODUCED,
+    READY,
+    Heartbeat,
+    Probe,
+    reason_kind,
+    serve_http,
+)
 
 PROGRESS_EVERY_S = 10.0
+LAG_EVERY_S = 5.0  # how often the consumer lag metric is updated
 # Under a backlog (the last batch was full) a checkpoint waits at least this long: each one writes
 # every changed series' state and (exactly-once) commits a transaction, and behind a backlog the
 # latency a shorter interval buys is lost anyway; the state written per message falls with it.
@@ -333,6 +348,9 @@ class StreamLoop:
         self.last_checkpoint = time.monotonic()
         self.backlog = False  # the last batch was full: the input is behind
         self._stopping = False
+        self.heartbeat = Heartbeat()  # /healthz: the loop turns
+        self.ready = False  # /readyz: subscribed and polling
+        self.last_lag = 0.0
         processor.attach(self)
 
     @property
@@ -366,28 +384,38 @@ class StreamLoop:
                              messages=len(messages))
             result = self.process_one_by_one(messages, now, note=True)
         else:
+            started = time.perf_counter()
             try:
                 result = self.processor.process(messages, now)
             except Exception:
                 self.log.exception("processing a batch failed; retrying its messages one at a time",
                                    messages=len(messages))
                 result = self.process_one_by_one(messages, now)
+            BATCH_SECONDS.labels(self.processor.name).observe(time.perf_counter() - started)
         if pills and result.handled is None:  # a poison pill is done with once dead-lettered
             for m in pills:
                 deaths = poison[(m.topic(), m.partition(), m.offset())]
                 result.dead_letters.append((m, f"poison pill: the process died {deaths} times while processing it"))
             messages += pills
+        produced: Counter = Counter()
         for out in result.outputs:
             produce(self.producer, out.topic, out.value, out.key, on_delivery=self.tracker)
+            produced[out.topic] += 1
+        self.count(PRODUCED, produced)
+        if produced[self.settings.topic_anomalies]:
+            ANOMALIES.labels(self.processor.name).inc(produced[self.settings.topic_anomalies])
         for msg, reason in result.dead_letters:
             self.dead_letter(msg, reason)
         handled = messages if result.handled is None else messages[:result.handled]
         if self.revoked_meanwhile:
             handled = [m for m in handled if (m.topic(), m.partition()) not in self.revoked_meanwhile]
+        consumed: Counter = Counter()
         for m in handled:
             tp = (m.topic(), m.partition())
             self.read_to[tp] = max(self.read_to.get(tp, 0), m.offset() + 1)
             self.first_read.setdefault(tp, m.offset())
+            consumed[tp[0]] += 1
+        self.count(CONSUMED, consumed)
         self.stats["consumed"] += len(handled)
         self.stats["produced"] += len(result.outputs)
         if handled or result.outputs or result.dead_letters or result.state_changed:
@@ -399,6 +427,22 @@ class StreamLoop:
             interval = max(interval, BACKLOG_CHECKPOINT_S)
         if self.dirty and (self.stopping or time.monotonic() - self.last_checkpoint >= interval):
             self.checkpoint()
+
+    def count(self, metric, by_topic: Counter) -> None:
+        for topic, n in by_topic.items():
+            metric.labels(self.processor.name, topic).inc(n)
+
+    def update_lag(self) -> None:
+        """The consumer lag metric: each assigned partition's high watermark (as last fetched) less
+        the position."""
+        try:
+            assigned = self.consumer.assignment()
+            for tp in self.consumer.position(assigned) if assigned else []:
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    LAG.labels(self.processor.name, tp.topic, str(tp.partition)).set(max(high - tp.offset, 0))
+        except KafkaException:  # the broker away for a moment: the next turn tries again
+            pass
 
     def process_one_by_one(self, messages: list, now: float, note: bool = False) -> Result:
         """After a batch raised: each message on its own, so only the one that raises (a poison
@@ -441,6 +485,7 @@ class StreamLoop:
         self.log.warning("dead-lettered", topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
                          reason=reason[:MAX_REASON_CHARS])
         self.stats["dead_lettered"] += 1
+        DEAD_LETTERED.labels(self.processor.name, reason_kind(reason)).inc()
 
     def checkpoint(self) -> None:
         """Outputs acknowledged -> processor state durable -> offsets committed."""
@@ -488,6 +533,7 @@ class StreamLoop:
             self.committed[(tp.topic, tp.partition)] = tp.offset
         self.guard.committed({(tp.topic, tp.partition): tp.offset for tp in offsets})
         self.stats["commits"] += 1
+        COMMITS.labels(self.processor.name).inc()
 
     # -- exactly-once: one transaction per checkpoint ---------------------------------------------
     def checkpoint_transaction(self) -> None:
@@ -554,6 +600,7 @@ class StreamLoop:
             self.committed[(tp.topic, tp.partition)] = tp.offset
         self.guard.committed({(tp.topic, tp.partition): tp.offset for tp in offsets})
         self.stats["commits"] += 1
+        COMMITS.labels(self.processor.name).inc()
 
     def abort(self, reason: Exception, refused: bool = False) -> None:
         """Abort the open transaction (none of its records is ever visible to a read_committed
@@ -679,8 +726,16 @@ class StreamLoop:
         """Run as a service's main loop: SIGTERM / Ctrl-C finish the batch, make it durable, commit
         and stop; `ready` goes into the start-up log line."""
         stop_on_signals(self)
+        server = serve_http(self.settings.http_port, self.probe(), host=self.settings.http_host, log=self.log)
         self.log.info(f"{self.processor.name} ready", topics=self.processor.topics(), **ready)
-        self.run()
+        try:
+            self.run()
+        finally:
+            if server is not None:
+                server.shutdown()
+
+    def probe(self) -> Probe:
+        return Probe(self.heartbeat.alive, lambda: self.ready and not self.stopping)
 
     def run(self) -> None:
         s = self.settings
@@ -698,10 +753,17 @@ class StreamLoop:
                     self.paused = False
                 if self.subscribed:
                     msgs = self.next_batch(batch_size)
+                    if not self.ready:
+                        self.ready = True
+                        READY.labels(self.processor.name).set(1)
                 else:
                     msgs = []
                     time.sleep(s.poll_timeout_s)
                 self.handle(msgs, time.monotonic())
+                self.heartbeat.beat()
+                if time.monotonic() - self.last_lag > LAG_EVERY_S:
+                    self.update_lag()
+                    self.last_lag = time.monotonic()
                 if time.monotonic() - last_report > PROGRESS_EVERY_S:
                     self.log.info("progress", **self.figures())
                     last_report = time.monotonic()
@@ -710,6 +772,8 @@ class StreamLoop:
             self.failed = True  # the revoke that closing the consumer runs commits nothing
             raise
         finally:
+            self.ready = False
+            READY.labels(self.processor.name).set(0)
             try:
                 self.consumer.close()
             finally:

@@ -28,6 +28,7 @@ from shared.changelog import (
 )
 from shared.config import Settings
 from shared.kafka import client_config
+from shared.telemetry import STATE_RESTORE_SECONDS
 
 EVICT_EVERY_S = 30.0
 
@@ -70,6 +71,7 @@ class SeriesChangelog:
             self.store.stored_at[slots[ok]] = offsets[ok]
             self.stats["series_restored"] += int(ok.sum())
         self.evict(idle_before)  # series long idle go back to the changelog at once
+        STATE_RESTORE_SECONDS.labels("detector").observe(time.monotonic() - start)
         self.log.info("series state restored", changelog=self.name, partitions=partitions,
                       series=sum(len(r) for r in records.values()), seconds=round(time.monotonic() - start, 3))
 

@@ -33,6 +33,7 @@ from shared.config import Settings, load_settings
 from shared.kafka import group_instance_id
 from shared.records.logs import LogSessionRecord, decode_log_line
 from shared.stream import Output, Processor, Result, StreamLoop
+from shared.telemetry import STATE_RESTORE_SECONDS
 
 
 def _utc(epoch_s: float) -> datetime:
@@ -142,6 +143,7 @@ class LogDetectorProcessor(Processor):
         start = time.monotonic()
         saved = restore(self.settings, self.changelog, parts, timeout=self.settings.state_restore_timeout_s,
                         with_offsets=True)
+        STATE_RESTORE_SECONDS.labels("logdetector").observe(time.monotonic() - start)
         for partition in parts:
             records = saved.get(partition, {})
             meta = records.pop(META_KEY, None)
