@@ -7,11 +7,24 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 ENV_PREFIX = "ANOMSTREAM_"
-HOME_DIRNAME = ".anomstream"  # the data directory's name when ANOMSTREAM_HOME is not set
+HOME_DIRNAME = ".anomstream"
+# librdkafka properties that ANOMSTREAM_KAFKA_EXTRA may not set: the exactly-once and at-least-once
+# guarantees (shared.stream) and the group membership depend on the services' own values.
+GUARANTEE_PROPERTIES = frozenset({
+    "enable.auto.commit", "enable.auto.offset.store", "isolation.level", "enable.idempotence", "acks",
+    "transactional.id", "group.id", "group.instance.id", "auto.offset.reset", "enable.partition.eof",
+})  # the data directory's name when ANOMSTREAM_HOME is not set
 
 
 def default_home() -> Path:
@@ -56,8 +69,14 @@ class Settings(BaseSettings):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_ca_location: str | None = None
-    # Any other librdkafka property, as JSON: ANOMSTREAM_KAFKA_EXTRA='{"client.rack": "a"}'.
+    # Any other librdkafka property, as JSON: ANOMSTREAM_KAFKA_EXTRA='{"client.rack": "a"}'. It wins
+    # over the services' own tuning (linger.ms, fetch.max.bytes, ...); the properties the delivery
+    # guarantees rest on (GUARANTEE_PROPERTIES) are refused at start-up.
     kafka_extra: dict[str, str | int | float | bool] = {}
+    # Where a consumer group with no committed offset starts: "latest" (only what arrives from now:
+    # a new alerter does not post the topic's whole retention) or "earliest" (`anomstream run`, the
+    # demo replay, and a backfill).
+    auto_offset_reset: Literal["earliest", "latest"] = "latest"
     # This copy of the services in their consumer groups (static membership, librdkafka's
     # group.instance.id): each long-running consumer joins as "<group>-<service>-<instance_id>", a
     # detector worker with "-<worker>" after it. A member that crashed and is started again under
@@ -114,6 +133,12 @@ class Settings(BaseSettings):
     # A metric value v with |v| above this is refused (dead-lettered with the reason); the default is
     # shared.records.metrics.DEFAULT_MAX_ABS_VALUE. The detectors stay finite beyond it too.
     max_abs_value: float = Field(1e12, gt=0, allow_inf_nan=False)
+    # Metric input (shared.records.metrics.MetricInput; the detector and the rules service alike): a
+    # message is {series, timestamp, value} or {metric, labels, timestamp, value}. Top-level fields
+    # named here are labels too (e.g. '["host","region"]'); any other field is refused. A number as
+    # timestamp is epoch seconds, or epoch milliseconds when timestamp_unit says so.
+    label_fields: list[str] = []
+    timestamp_unit: Literal["seconds", "milliseconds"] = "seconds"
     model_dir: Path | None = None  # default: <home>/models
     # Labelled reference data beside the repository (../shared/data when run from the repo root,
     # as `make` and the tests do), for training and replay.
@@ -186,9 +211,24 @@ class Settings(BaseSettings):
     metrics_exporter_url: str = "http://127.0.0.1:7071/metrics"
     scrape_interval_s: float = Field(1.0, gt=0, le=3600)
 
+    # --- Observability (shared.telemetry): Prometheus /metrics, /healthz and /readyz on this port
+    # (0: no HTTP server). Each service in a container of its own: the same port for all; several
+    # on one host (`anomstream run`): one port each.
+    http_port: int = Field(9400, ge=0, le=65535)
+    http_host: str = "0.0.0.0"
+
     # --- Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+
+    @field_validator("kafka_extra")
+    @classmethod
+    def _no_guarantee_properties(cls, extra: dict) -> dict:
+        refused = sorted(set(extra) & GUARANTEE_PROPERTIES)
+        if refused:
+            raise ValueError(f"{', '.join(refused)} cannot be set here: the delivery guarantees depend on the "
+                             "value the services set (see ANOMSTREAM_DELIVERY and ANOMSTREAM_AUTO_OFFSET_RESET)")
+        return extra
 
     @model_validator(mode="after")
     def _paths_under_home(self) -> Settings:

@@ -32,6 +32,11 @@ class Service:
     def __init__(self, name: str, overrides: dict, log_dir: Path, *args: str, env: dict | None = None):
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ANOMSTREAM_")}
         environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+        # Tests feed topics of their own, often before a service has joined its group: it reads
+        # them from the start (the product's default is "latest", tests/shared/test_kafka_config.py).
+        environ["ANOMSTREAM_AUTO_OFFSET_RESET"] = "earliest"
+        # No HTTP server unless a test asks for one on a port of its own (tests/shared/test_telemetry_kafka.py).
+        environ["ANOMSTREAM_HTTP_PORT"] = "0"
         # Lists and dicts reach pydantic-settings as JSON, as an operator would write them.
         environ |= {f"ANOMSTREAM_{k.upper()}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
                     for k, v in overrides.items()}

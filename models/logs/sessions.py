@@ -61,15 +61,21 @@ def group_sessions(lines: Iterable[tuple[str, str]], key_regex: str = BLOCK_KEY)
 SESSION_COLUMNS = ["BlockId", "Label", "NumEvents", "EventSequence", "Split"]
 
 
-def read_sessions_csv(path: Path) -> pd.DataFrame:
+def read_sessions_csv(path: Path, unlabelled_ok: bool = False) -> pd.DataFrame:
     """A sessions CSV (BlockId, Label Normal/Anomaly, NumEvents, EventSequence space-separated,
-    optional Split train/test) with two more columns: `events` (list) and `y` (1 = Anomaly)."""
+    optional Split train/test) with two more columns: `events` (list) and `y` (1 = Anomaly).
+    With `unlabelled_ok`, every Label may be empty (sessions parsed from a team's own raw logs,
+    `logs parse --sessions`): y is then 0 throughout and frame.attrs["labelled"] is False."""
     frame = pd.read_csv(path, dtype={"BlockId": str, "Label": str, "EventSequence": str})
     missing = {"BlockId", "Label", "EventSequence"} - set(frame.columns)
     if missing:
         raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+    frame["Label"] = frame["Label"].fillna("")
     labels = set(frame["Label"].unique())
-    if not labels <= {"Normal", "Anomaly"}:
+    frame.attrs["labelled"] = labels != {""}
+    if not frame.attrs["labelled"] and not unlabelled_ok:
+        raise ValueError(f"{path}: no session is labelled (Label is empty); this needs Normal/Anomaly labels")
+    if frame.attrs["labelled"] and not labels <= {"Normal", "Anomaly"}:
         raise ValueError(f"{path}: Label must be Normal or Anomaly, found {sorted(labels - {'Normal', 'Anomaly'})}")
     frame["events"] = frame["EventSequence"].fillna("").str.split()
     frame["y"] = (frame["Label"] == "Anomaly").astype(int)

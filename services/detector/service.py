@@ -13,14 +13,17 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
 
 import click
 import numpy as np
+from prometheus_client import multiprocess
 
 from models.base import ArtifactError
 from services.detector.kmeans import BrokerMetricsScoring
@@ -29,8 +32,15 @@ from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, run_command
 from shared.config import Settings, load_settings
 from shared.kafka import FencedError, ensure_topics, group_instance_id
-from shared.records.metrics import decode_metrics, encode_score_records
+from shared.records.metrics import MetricInput, decode_metrics, encode_score_records
 from shared.stream import Output, Processor, Result, StreamLoop
+from shared.telemetry import (
+    Heartbeat,
+    Probe,
+    multiprocess_registry,
+    sample_sum,
+    serve_http,
+)
 
 EXIT_CONFIG_ERROR = 2  # a worker that cannot load its models (or was fenced out) is not restarted
 
@@ -85,6 +95,7 @@ class DetectorProcessor(Processor):
         self.stats = Counter()
         self.loop: StreamLoop | None = None
         self.checkpoint_interval_s = settings.detector_commit_interval_s
+        self.metric_input = MetricInput.of(settings)
         # Each Scorer's per-series state, backed by its input topic's changelog.
         self.state = {topic: SeriesChangelog(settings, topic, scorer.store, log) for topic, scorer in scorers.items()}
 
@@ -115,7 +126,7 @@ class DetectorProcessor(Processor):
 
     def score_metrics(self, topic: str, msgs: list, result: Result) -> None:
         s, scorer = self.settings, self.scorers[topic]
-        decoded = decode_metrics([m.value() for m in msgs], s.max_message_bytes, s.max_abs_value)
+        decoded = decode_metrics([m.value() for m in msgs], s.max_message_bytes, s.max_abs_value, self.metric_input)
         result.dead_letters += [(msgs[i], reason) for i, reason in decoded.errors]
         if not decoded.index:
             return
@@ -245,6 +256,14 @@ def supervise(settings: Settings) -> int:
     for name in set(settings.topic_models().values()):
         ModelSet.read_manifest(settings.model_dir, name)  # fail here, clearly, not in N workers
     ensure_topics(settings)
+    # The workers' metrics: files in a folder of this run, added up by the supervisor's /metrics
+    # (set before any worker starts: prometheus-client reads it when a worker imports it).
+    metrics_dir = tempfile.mkdtemp(prefix="anomstream-detector-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    registry = multiprocess_registry(metrics_dir)
+    heartbeat = Heartbeat()
+    ready = lambda: sample_sum(registry, "anomstream_ready", service="detector") >= settings.workers  # noqa: E731
+    server = serve_http(settings.http_port, Probe(heartbeat.alive, ready), registry, settings.http_host, log)
     ctx = mp.get_context("spawn")  # TensorFlow is not fork-safe
     procs: dict[int, mp.Process] = {}
     started: dict[int, float] = {}  # slot -> when its worker was started
@@ -269,6 +288,7 @@ def supervise(settings: Settings) -> int:
     exit_code = 0
     while not stopping:
         time.sleep(0.2)
+        heartbeat.beat()
         for i, p in list(procs.items()):
             if stopping:
                 break
@@ -279,6 +299,7 @@ def supervise(settings: Settings) -> int:
                 continue
             if p.is_alive():
                 continue
+            multiprocess.mark_process_dead(p.pid, metrics_dir)  # its live gauges (ready, lag) go
             if p.exitcode == EXIT_CONFIG_ERROR:
                 log.error("worker cannot start; stopping", worker=i)
                 stopping, exit_code = True, 1
@@ -296,6 +317,9 @@ def supervise(settings: Settings) -> int:
         p.join(60)
         if p.is_alive():
             p.kill()
+    if server is not None:
+        server.shutdown()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("detector stopped")
     return exit_code
 

@@ -2,7 +2,9 @@
 
 Fitted as `logs evaluate` fits it: on the normal sessions of a stratified 80% of the training split,
 with k and min_prob chosen by F1 on the other 20%; then scored once on the test split (reported,
-not used). The model folder also holds the reference templates of the sessions' event ids, so the
+not used). Sessions without labels (parsed from your own raw logs with `logs parse --sessions`):
+fitted on 80% of them, as DeepLog is, taking them as normal; k is the smallest (most sensitive)
+that flags at most --alarm-rate of the other 20%. The model folder also holds the reference templates of the sessions' event ids, so the
 service can align the templates it mines from raw lines to them, and a manifest (version, choice,
 test figures).
 """
@@ -15,22 +17,59 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 import pandas as pd
 
 from models.base import write_json
 from models.evaluation.metrics import point_metrics
 from models.logs.scorer import MANIFEST, REFERENCE_TEMPLATES
 from models.logs.sessions import read_sessions_csv
-from services.jobs.logs_evaluate import choose_next_event, given_split, stratified_split
+from services.jobs.logs_evaluate import (
+    K_VALUES,
+    choose_next_event,
+    given_split,
+    stratified_split,
+)
 from shared.app_logging import setup_logging
 from shared.cli import CONTEXT, PATH, run_command
 from shared.config import load_settings
 
 
-def train_log_model(sessions_csv: Path, templates_csv: Path | None, folder: Path, epochs: int, seed: int = 0) -> dict:
+def choose_by_alarm_rate(model, sessions: list, alarm_rate: float) -> tuple[float, int, float]:
+    """Without labels: (min_prob, k, flagged share) with min_prob 0 and the smallest k whose share
+    of flagged held-out sessions is at most alarm_rate (the largest k when none is)."""
+    scores = model.score_sessions(sessions, min_prob=0.0)
+    for k in K_VALUES:
+        share = float((scores > k).mean()) if len(scores) else 0.0
+        if share <= alarm_rate:
+            return 0.0, k, share
+    return 0.0, K_VALUES[-1], share
+
+
+def train_unlabelled(frame: pd.DataFrame, sessions_csv: Path, folder: Path, epochs: int, seed: int,
+                     alarm_rate: float) -> tuple[object, dict]:
     from models.logs.next_event import NextEventDetector
 
-    frame = read_sessions_csv(sessions_csv)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(frame))
+    cut = max(1, int(len(frame) * 0.8))
+    fit, held = frame.iloc[order[:cut]], frame.iloc[order[cut:]]
+    model = NextEventDetector(epochs=epochs, seed=seed).fit(list(fit["events"]))
+    min_prob, k, share = choose_by_alarm_rate(model, list(held["events"]), alarm_rate)
+    model.params["min_prob"], model.k = min_prob, k
+    return model, {"k": k, "min_prob": min_prob, "split": "unlabelled: fitted on a random 80%, k by alarm rate on "
+                   "the other 20%", "fit_sessions": len(fit), "labelled": False, "alarm_rate": alarm_rate,
+                   "held_out_flagged_share": share, "test": None}
+
+
+def train_log_model(sessions_csv: Path, templates_csv: Path | None, folder: Path, epochs: int, seed: int = 0,
+                    alarm_rate: float = 0.01) -> dict:
+    from models.logs.next_event import NextEventDetector
+
+    frame = read_sessions_csv(sessions_csv, unlabelled_ok=True)
+    if not frame.attrs["labelled"]:
+        model, fitted = train_unlabelled(frame, sessions_csv, folder, epochs, seed, alarm_rate)
+        return _save(model, fitted, sessions_csv, templates_csv, folder, epochs, seed)
     train, test, split_note = given_split(frame)
     fit_pos, val_pos = stratified_split(train["y"].to_numpy(), seed)
     fit, val = train.iloc[fit_pos], train.iloc[val_pos]
@@ -38,12 +77,17 @@ def train_log_model(sessions_csv: Path, templates_csv: Path | None, folder: Path
     (min_prob, k), _ = choose_next_event(model, list(val["events"]), val["y"].to_numpy().astype(bool))
     model.params["min_prob"], model.k = min_prob, k
     test_metrics = point_metrics(model.predict(list(test["events"])), test["y"].to_numpy().astype(bool))
+    fitted = {"k": k, "min_prob": min_prob, "split": split_note, "fit_sessions": int((fit["y"] == 0).sum()),
+              "labelled": True, "test": {m: test_metrics[m] for m in ("precision", "recall", "f1", "tp", "fp", "fn")}}
+    return _save(model, fitted, sessions_csv, templates_csv, folder, epochs, seed)
+
+
+def _save(model, fitted: dict, sessions_csv: Path, templates_csv: Path | None, folder: Path, epochs: int,
+          seed: int) -> dict:
     digest = hashlib.sha256(sessions_csv.read_bytes()).hexdigest()[:8]
     manifest = {
         "version": f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest}",
-        "model": model.name, "k": k, "min_prob": min_prob, "epochs": epochs, "seed": seed,
-        "trained_on": str(sessions_csv), "split": split_note, "fit_sessions": int((fit["y"] == 0).sum()),
-        "test": {m: test_metrics[m] for m in ("precision", "recall", "f1", "tp", "fp", "fn")},
+        "model": model.name, "epochs": epochs, "seed": seed, "trained_on": str(sessions_csv), **fitted,
     }
     model.save(folder)
     if templates_csv is not None:
@@ -66,8 +110,10 @@ def train_log_model(sessions_csv: Path, templates_csv: Path | None, folder: Path
 @click.option("--model-dir", type=PATH, default=None, help="default: setting ANOMSTREAM_MODEL_DIR")
 @click.option("--name", default=None, help="the model's folder in --model-dir (default: setting ANOMSTREAM_MODEL_LOGS)")
 @click.option("--if-missing", is_flag=True, help="skip when the model exists")
+@click.option("--alarm-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="unlabelled sessions only: the largest share of held-out sessions the chosen k may flag")
 def command(sessions: Path | None, templates: Path | None, epochs: int, seed: int, model_dir: Path | None,
-            name: str | None, if_missing: bool) -> int:
+            name: str | None, if_missing: bool, alarm_rate: float) -> int:
     settings = load_settings()
     hdfs = settings.data_dir / "hdfs"
     sessions = sessions or hdfs / "hdfs_100k_sessions.csv"
@@ -80,11 +126,18 @@ def command(sessions: Path | None, templates: Path | None, epochs: int, seed: in
         raise click.UsageError(f"no such file: {sessions}")
     if templates is None and sessions == hdfs / "hdfs_100k_sessions.csv":
         templates = hdfs / "hdfs_100k_templates.csv"
-    manifest = train_log_model(sessions, templates, folder, epochs, seed)
+    try:
+        manifest = train_log_model(sessions, templates, folder, epochs, seed, alarm_rate)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     log.info("trained", folder=str(folder), **{k: manifest[k] for k in ("version", "k", "min_prob", "test")})
     t = manifest["test"]
-    print(f"{manifest['model']} k={manifest['k']} min_prob={manifest['min_prob']:g} -> {folder}; test split: "
-          f"precision {t['precision']:.3f} recall {t['recall']:.3f} F1 {t['f1']:.3f}")
+    if t is None:
+        print(f"{manifest['model']} k={manifest['k']} (unlabelled sessions: flags "
+              f"{manifest['held_out_flagged_share']:.2%} of the held-out ones) -> {folder}")
+    else:
+        print(f"{manifest['model']} k={manifest['k']} min_prob={manifest['min_prob']:g} -> {folder}; test split: "
+              f"precision {t['precision']:.3f} recall {t['recall']:.3f} F1 {t['f1']:.3f}")
     return 0
 
 

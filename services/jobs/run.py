@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -174,6 +175,13 @@ def log_summary(raw_sample: Path, labels: dict[str, bool], flagged: dict[str, se
             f"f1={m['f1']:.3f} (offline on the same split: f1={manifest['test']['f1']:.3f})")
 
 
+def remote_hosts(bootstrap: str) -> list[str]:
+    """The hosts of a bootstrap list that are not this machine (loopback or this host's name)."""
+    local = {"localhost", "127.0.0.1", "::1", "[::1]", socket.gethostname()}
+    hosts = [server.strip().rsplit(":", 1)[0] for server in bootstrap.split(",") if server.strip()]
+    return [h for h in hosts if h not in local and not h.startswith("127.")]
+
+
 @click.command("run", help=__doc__, context_settings=CONTEXT)
 @click.option("--epochs", type=int, default=10, show_default=True, help="LSTM epochs if models must be trained")
 @click.option("--transactions", "n_transactions", type=int, default=5000, show_default=True,
@@ -181,9 +189,19 @@ def log_summary(raw_sample: Path, labels: dict[str, bool], flagged: dict[str, se
 @click.option("--timeout", type=float, default=600, show_default=True)
 @click.option("--scrapes", "scenario_rows", type=int, default=60, show_default=True,
               help="rows of the broker-metrics scenario (1 per second)")
-def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int) -> int:
+@click.option("--into-cluster", is_flag=True,
+              help="with KAFKA_BOOTSTRAP_SERVERS naming a cluster that is not on this machine: write the "
+                   "demo's data and load scenario into it anyway")
+def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int, into_cluster: bool) -> int:
     settings = load_settings()
     log = setup_logging(settings, "run")
+    remote = remote_hosts(settings.bootstrap_servers) if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") else []
+    if remote and not into_cluster:
+        raise click.UsageError(
+            f"KAFKA_BOOTSTRAP_SERVERS names {', '.join(remote)}, not this machine: `anomstream run` would write "
+            "its demo replay and a load scenario (30,000-message bursts) into that cluster. Unset it to run on "
+            "the embedded local broker, or pass --into-cluster if that is what you want. To run the services "
+            "on your own cluster and data, see the README's \"With your own cluster and data\".")
     started = time.monotonic()
     broker = None
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
@@ -212,6 +230,7 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         log_dir.mkdir(parents=True, exist_ok=True)
         run_id = int(time.time())
         env = os.environ | {"ANOMSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+                            "ANOMSTREAM_AUTO_OFFSET_RESET": "earliest",  # the replay is sent as they start
                             "ANOMSTREAM_STATE_TOPIC_PREFIX": run_state_prefix(settings, run_id)}
         with open(log_dir / "detector.log", "ab") as detector_log:
             procs["detector"] = subprocess.Popen([sys.executable, "-m", "services.detector"],

@@ -34,7 +34,10 @@ def train_kmeans(settings: Settings, csv: Path | None, train_fraction: float, lo
         log.warning("training rows include labelled anomalies; they are left out", count=int(history["is_anomaly"].sum()))
         history = history[history["is_anomaly"] == 0]
     batch = VectorBatch.from_frame(history)
-    det = RealTimeKMeans().fit(batch)
+    try:
+        det = RealTimeKMeans().fit(batch)
+    except ValueError as exc:
+        raise click.ClickException(f"cannot train the K-Means on {csv}: {exc}") from None
     digest = hashlib.sha256(batch.values.tobytes() + ",".join(batch.columns).encode()).hexdigest()[:8]
     det.version = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest}"
     det.save(settings.model_dir / name)
@@ -59,6 +62,10 @@ def train_kmeans(settings: Settings, csv: Path | None, train_fraction: float, lo
               help="the first part of the scenario that is history (default 0.4)")
 def command(paths: tuple[Path, ...], only: str | None, synthetic: int | None, epochs: int, model_dir: Path | None,
             if_missing: bool, kmeans_data: Path | None, kmeans_train_fraction: float) -> int:
+    if paths and not only:
+        raise click.UsageError("CSVs given without --name: say which model set they train (e.g. --name my_cpu, "
+                               "then ANOMSTREAM_MODEL_INPUT=my_cpu); without it both metric model sets would be "
+                               "replaced by one trained on these files")
     settings = load_settings(**({"model_dir": model_dir} if model_dir else {}))
     log = setup_logging(settings, "train")
 

@@ -12,6 +12,7 @@ error or unparsable text is logged and tried again on the next tick: the scraper
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 import sys
@@ -19,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import click
@@ -32,6 +34,7 @@ from shared.config import Settings, load_settings
 from shared.kafka import DeliveryTracker, ensure_topics, make_producer, produce
 from shared.records.kmeans import BrokerMetricsRecord
 from shared.signals import on_stop_signal
+from shared.telemetry import SCRAPES, Heartbeat, Probe, serve_http
 
 # Output name -> regex over the exposition's sample names. The defaults match the names of the
 # JMX exporter's example Kafka config (kafka_server_brokertopicmetrics_messagesin_total) and its
@@ -219,6 +222,42 @@ class RecordPublisher:
         return self.tracker.delivered
 
 
+class CsvRecorder:
+    """Writes BrokerMetricsRecords as CSV rows: timestamp, interval_s and one column per counter
+    rate, the layout of the recorded scenario the K-Means is trained on (models/kmeans/data). The
+    columns are the first record's; a counter that appears later is left out (counted, logged)."""
+
+    def __init__(self, path: Path, log=None):
+        self.path = path
+        self.log = log or get_logger(service="metrics-scraper")
+        self.file = None
+        self.writer: csv.DictWriter | None = None
+        self.delivered = 0
+        self.left_out: set[str] = set()
+
+    def publish(self, record: BrokerMetricsRecord) -> None:
+        row = {"timestamp": round(record.timestamp.timestamp(), 3), "interval_s": round(record.interval_s, 4)}
+        row |= record.metrics
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "w", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=list(row), extrasaction="ignore")
+            self.writer.writeheader()
+        new = set(row) - set(self.writer.fieldnames) - self.left_out
+        if new:
+            self.left_out |= new
+            self.log.warning("series that appeared after the first record are left out of the CSV",
+                             series=sorted(new)[:10], count=len(new))
+        self.writer.writerow(row)
+        self.file.flush()
+        self.delivered += 1
+
+    def close(self, timeout: float = 0) -> int:
+        if self.file is not None:
+            self.file.close()
+        return self.delivered
+
+
 # The defaults of --url and --interval are settings, read when the command runs: `--help` works
 # whatever the ANOMSTREAM_* variables hold.
 @click.command("scrape", help=__doc__.split("\n\n")[0], context_settings=CONTEXT)
@@ -230,8 +269,11 @@ class RecordPublisher:
 @click.option("--metric", multiple=True, metavar="NAME=REGEX",
               help="select/rename a counter by sample-name regex (repeatable; replaces the defaults)")
 @click.option("--topics", default=None, metavar="REGEX", help="keep per-topic series of these topics only")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the records to this CSV (the columns `anomstream train --kmeans-data` reads) instead "
+                   "of the topic: record your cluster's normal traffic to train the K-Means on it")
 def command(url: str | None, interval: float | None, count: int | None, metric: tuple[str, ...],
-            topics: str | None) -> int:
+            topics: str | None, out: Path | None) -> int:
     patterns = None
     if metric:
         try:
@@ -247,17 +289,28 @@ def command(url: str | None, interval: float | None, count: int | None, metric: 
     on_stop_signal(stop.set)
     scraper = MetricsScraper(url, patterns=patterns, topics=topics,
                              timeout=min(max(interval, 1.0), 10.0), log=log)
-    publisher = RecordPublisher(settings, log)
-    log.info("scraping", url=scraper.source, interval_s=interval, topic=publisher.topic)
+    publisher = CsvRecorder(out, log) if out else RecordPublisher(settings, log)
+    log.info("scraping", url=scraper.source, interval_s=interval, to=str(out) if out else publisher.topic)
     published = 0
     ticker = Ticker(interval, stop, log)
+    heartbeat = Heartbeat(stale_s=max(60.0, 5 * interval))
+    last_good = [0.0]
+    server = serve_http(settings.http_port, Probe(heartbeat.alive,
+                                                  lambda: time.monotonic() - last_good[0] < max(30.0, 3 * interval)),
+                        host=settings.http_host, log=log)
     try:
         while (count is None or published < count) and ticker.wait():
+            heartbeat.beat()
+            failures = scraper.failures
             record = scraper.scrape_once()
+            SCRAPES.labels("failed" if scraper.failures > failures else "ok").inc()
             if record is not None:
+                last_good[0] = time.monotonic()
                 publisher.publish(record)
                 published += 1
     finally:
+        if server is not None:
+            server.shutdown()
         try:
             delivered = publisher.close()
         except KafkaException as exc:

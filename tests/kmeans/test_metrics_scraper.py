@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -254,3 +257,52 @@ def test_scrape_command_stops_after_count(kafka_metrics_url, metrics_settings, t
     assert svc.proc.wait(60) == 0, svc.log[-3000:]
     svc.stop()
     assert len(read_topic(settings, settings.topic_kafka_metrics, idle=2, timeout=30)) == 2
+
+
+@pytest.mark.kafka
+def test_scrape_out_records_a_csv_the_kmeans_trains_on(kafka_metrics_url, metrics_settings, tmp_path):
+    """Own data: `anomstream scrape --out FILE` records a cluster's broker metrics (nothing goes to
+    the topic) and `anomstream train --name kafka_kmeans --kmeans-data FILE` trains on them."""
+    import pandas as pd
+
+    settings = as_settings(metrics_settings)
+    out = tmp_path / "my_cluster.csv"
+    topic = f"traffic_{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings, {topic: 1})
+    done = threading.Event()
+
+    def traffic() -> None:  # some load that varies, as a cluster's does
+        producer, i = make_producer(settings), 0
+        while not done.is_set():
+            for _ in range(1 + (i % 7) * 20):
+                producer.produce(topic, b"x" * 100)
+            producer.poll(0)
+            i += 1
+            time.sleep(0.05)
+        producer.flush(10)
+
+    feeder = threading.Thread(target=traffic, daemon=True)
+    feeder.start()
+    svc = Service("scraper", metrics_settings, tmp_path, "--url", kafka_metrics_url,
+                  "--interval", "0.1", "--count", "40", "--out", str(out))
+    try:
+        assert svc.proc.wait(120) == 0, svc.log[-3000:]
+    finally:
+        done.set()
+        feeder.join(30)
+        svc.stop()
+    frame = pd.read_csv(out)
+    assert len(frame) == 40 and list(frame.columns[:2]) == ["timestamp", "interval_s"]
+    assert {"messages_in", "bytes_in", "fetch_requests"} <= set(frame.columns)
+    assert frame["timestamp"].is_monotonic_increasing and (frame["interval_s"] > 0.05).all()
+    ensure_topics(settings, {settings.topic_kafka_metrics: 1})
+    assert sum(end_offsets(settings, settings.topic_kafka_metrics).values()) == 0, "--out writes no record to Kafka"
+
+    models = tmp_path / "models"
+    train = subprocess.run([sys.executable, "-m", "services.jobs.train", "--name", "kafka_kmeans", "--kmeans-data",
+                            str(out), "--kmeans-train-fraction", "1.0", "--model-dir", str(models)],
+                           capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("ANOMSTREAM_")})
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (models / "kafka_kmeans" / "realtime_kmeans.json").exists()
+    assert '"rows": 40' in train.stderr or "rows=40" in train.stderr, train.stderr[-2000:]

@@ -140,3 +140,31 @@ def test_logs_evaluate_on_a_slice_of_the_hdfs_sessions(tmp_path):
     assert len(results) == given["test_sessions"]
     assert {"next_event_lstm_score", "next_event_lstm_anomaly", "count_decision_tree_anomaly"} <= set(results.columns)
     assert (out / "f1_by_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_logs_train_fits_unlabelled_sessions_parsed_from_raw_logs(tmp_path):
+    """Own data: `logs parse RAW --sessions CSV` writes sessions without labels; `logs train` fits the
+    next-event model on them (as DeepLog: all taken as normal) and picks k by an alarm budget on
+    held-out sessions, and the log detector's scorer loads the result."""
+    from helpers import HDFS_DIR
+
+    from models.logs.scorer import LogStreamScorer
+    from models.logs.sessions import read_sessions_csv
+    from services.jobs.logs import main as logs_main
+
+    sessions = tmp_path / "mine.csv"
+    assert logs_main(["parse", str(HDFS_DIR / "HDFS_2k.log"), "--sessions", str(sessions),
+                      "--state", str(tmp_path / "drain3.json"), "--out", str(tmp_path / "lines.csv")]) == 0
+    parsed = pd.read_csv(sessions)
+    assert len(parsed) > 100 and parsed["Label"].isna().all()
+    with pytest.raises(ValueError, match="no session is labelled"):
+        read_sessions_csv(sessions)
+
+    assert logs_main(["train", "--sessions", str(sessions), "--epochs", "2", "--model-dir", str(tmp_path / "m"),
+                      "--name", "mine", "--alarm-rate", "0.05"]) == 0
+    manifest = json.loads((tmp_path / "m" / "mine" / "manifest.json").read_text())
+    assert manifest["labelled"] is False and manifest["test"] is None
+    assert manifest["k"] in range(1, 11) and manifest["held_out_flagged_share"] <= 0.05 or manifest["k"] == 10
+    assert manifest["fit_sessions"] == int(len(parsed) * 0.8)
+    scorer = LogStreamScorer(tmp_path / "m", "mine", tmp_path / "state", r"blk_-?\d+")
+    assert scorer.k == manifest["k"] and scorer.version == manifest["version"]

@@ -124,3 +124,18 @@ def test_every_help_works_with_invalid_settings_and_loads_no_tensorflow(tmp_path
     assert f"Usage: {' '.join(['anomstream', *command])}" in result.stdout
     assert "exit 0" in result.stdout
     assert "tensorflow loaded False" in result.stdout
+
+
+def test_train_with_csvs_needs_a_name(tmp_path):
+    """`anomstream train my.csv` used to replace both metric model sets with one trained on my.csv."""
+    csv = tmp_path / "my.csv"
+    csv.write_text("timestamp,value\n2024-01-01 00:00:00,1\n")
+    result = run(["train", str(csv)], tmp_path)
+    assert result.returncode == 2 and "without --name" in result.stderr, result.stderr
+    assert not (tmp_path / "home" / "models").exists()
+
+
+def test_run_refuses_to_write_its_demo_into_a_remote_cluster(tmp_path):
+    result = run(["run"], tmp_path, KAFKA_BOOTSTRAP_SERVERS="kafka-1.prod.example:9092,127.0.0.1:9092")
+    assert result.returncode == 2, result.stderr
+    assert "kafka-1.prod.example" in result.stderr and "--into-cluster" in result.stderr
