@@ -10,6 +10,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,137 @@ def test_service_image_has_no_tensorflow_and_the_trainer_image_has_it():
     compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     for name in ("detector", "logdetector", "rules", "alerter"):
         assert compose[name]["image"] == "anomstream:latest" and "args" not in compose[name].get("build", {})
+
+
+# --- Health, start order, stopping ---------------------------------------------------------------
+
+KAFKA_DOCKERFILE = REPO / "docker" / "Dockerfile.kafka"
+STREAM_SERVICES = ("detector", "logdetector", "rules", "alerter")  # shared.stream loops: drain on SIGTERM
+ONE_SHOTS = ("trainer", "producer", "log-producer")
+
+
+def compose_services() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+def image_healthcheck(dockerfile: Path) -> tuple[list[str], str]:
+    """(options, command) of a Dockerfile's HEALTHCHECK."""
+    found = [i for i in instructions(dockerfile) if i.upper().startswith("HEALTHCHECK ")]
+    assert len(found) == 1, f"{dockerfile.name}: {len(found)} HEALTHCHECK instructions"
+    options, _, command = found[0].split(None, 1)[1].partition(" CMD ")
+    return options.split(), command.strip()
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (`90s`, `1m30s`, `500ms`) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(duration))
+    assert parts and "".join(n + u for n, u in parts) == str(duration), f"not a duration: {duration!r}"
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[u] for n, u in parts)
+
+
+class _Healthz(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(self.status if self.path == "/healthz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status, healthy", [(200, True), (503, False), (None, False)])
+def test_service_image_healthcheck_asks_healthz_on_the_configured_port(status, healthy):
+    """The image's HEALTHCHECK command, run as Docker runs it (exec form) against a stand-in
+    service: healthy (exit 0) only when /healthz answers 200 on ANOMSTREAM_HTTP_PORT."""
+    _, command = image_healthcheck(DOCKERFILE)
+    argv = json.loads(command)
+    assert argv[:2] == ["python", "-c"], argv
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Healthz,), {"status": status or 200}))
+    port = server.server_address[1]
+    if status is None:
+        server.server_close()  # nothing listens: connection refused
+    else:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = subprocess.run([sys.executable, *argv[1:]], env={**_compose_env(), "ANOMSTREAM_HTTP_PORT": str(port)},
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        if status is not None:
+            server.shutdown()
+            server.server_close()
+    assert (done.returncode == 0) == healthy, (status, done.returncode, done.stderr[-500:])
+    if not healthy:
+        assert done.returncode == 1  # Docker: 1 is unhealthy, 2 is reserved
+    assert "'9400'" in argv[2], "the default port is 9400"
+
+
+def test_compose_healthchecks_are_the_images():
+    """Compose spells out the images' checks (so `docker compose config` shows them); the same
+    commands, so they cannot drift apart. The broker's check runs its JVM without KAFKA_OPTS (the
+    JMX exporter agent there would fail to bind the broker's :7071 and fail the check)."""
+    services = compose_services()
+    _, service_check = image_healthcheck(DOCKERFILE)
+    options, kafka_check = image_healthcheck(KAFKA_DOCKERFILE)
+    assert kafka_check.startswith("KAFKA_OPTS= /opt/kafka/bin/kafka-broker-api-versions.sh"), kafka_check
+    assert services["kafka"]["healthcheck"]["test"] == ["CMD-SHELL", kafka_check]
+    for name in ("detector", "logdetector", "rules", "alerter", "scraper"):
+        check = services[name]["healthcheck"]
+        assert check["test"] == ["CMD", *json.loads(service_check)], name
+        assert seconds(check["timeout"]) > 4, "the check's own urlopen timeout is 4 s"
+
+
+def test_long_running_services_are_checked_and_one_shots_are_not():
+    for name, service in compose_services().items():
+        check = service.get("healthcheck", {})
+        if name in ONE_SHOTS:
+            assert service.get("restart") == "no" and check.get("disable") is True, name
+        else:
+            assert check.get("test"), f"{name}: no healthcheck"
+            assert name == "kafka" or service.get("restart") == "unless-stopped", name
+
+
+def test_start_order_waits_for_health_and_for_the_trainer():
+    services = compose_services()
+    for name, service in services.items():
+        depends = service.get("depends_on", {})
+        assert isinstance(depends, dict), f"{name}: depends_on without conditions"
+        for target, how in depends.items():
+            condition = how["condition"]
+            assert condition in ("service_healthy", "service_completed_successfully"), (name, target, condition)
+            if condition == "service_healthy":
+                assert services[target]["healthcheck"].get("test"), f"{name} waits for {target}, which has no check"
+            else:
+                assert target in ONE_SHOTS, (name, target)
+        if name not in ("kafka", "trainer"):
+            assert depends.get("kafka") == {"condition": "service_healthy"}, name
+    for name in ("detector", "logdetector"):
+        assert services[name]["depends_on"]["trainer"] == {"condition": "service_completed_successfully"}
+    assert services["producer"]["depends_on"]["detector"] == {"condition": "service_healthy"}
+    assert services["log-producer"]["depends_on"]["logdetector"] == {"condition": "service_healthy"}
+
+
+def detector_worker_stop_timeout() -> float:
+    """How long the detector's supervisor waits for a SIGTERMed worker before killing it."""
+    source = (REPO / "services" / "detector" / "service.py").read_text()
+    joins = re.findall(r"\bp\.join\((\d+(?:\.\d+)?)\)", source)
+    assert len(joins) == 1, "the supervisor's wait for a stopping worker (p.join(N)) is not found: update this test"
+    return float(joins[0])
+
+
+DRAIN_MARGIN_S = 15.0  # leaving the group, closing the producer, the supervisor's own exit
+
+
+def test_stop_grace_period_outlasts_the_drain():
+    """docker stop kills after stop_grace_period: it must outlast a stream service's drain on
+    SIGTERM (finish the batch; send_offsets_to_transaction and commit_transaction, each given up on
+    TXN_HUNG_AFTER_S after it was called), and for the detector the supervisor's wait for its workers."""
+    from shared.stream import TXN_HUNG_AFTER_S
+
+    services = compose_services()
+    transaction = 2 * TXN_HUNG_AFTER_S
+    for name in STREAM_SERVICES:
+        grace = seconds(services[name].get("stop_grace_period", "10s"))
+        assert grace >= transaction + DRAIN_MARGIN_S, f"{name}: stop_grace_period {grace} s"
+    detector = seconds(services["detector"]["stop_grace_period"])
+    assert detector >= max(detector_worker_stop_timeout(), transaction) + DRAIN_MARGIN_S, detector
