@@ -15,8 +15,11 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
+import os
 import posixpath
 import re
+import shutil
+import subprocess
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -29,6 +32,35 @@ COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
 BUILDKIT_ONLY_COPY_FLAGS = ("--chmod", "--link", "--parents", "--exclude", "--checksum", "--keep-git-dir")
 BUILDKIT_ONLY_RUN_FLAGS = ("--mount", "--network", "--security")
 REMOTE_SOURCE = re.compile(r"(https?|git)://|git@")
+
+INSTALL_HINT = (
+    "no Docker Compose implementation found: neither `docker compose version` nor `docker-compose` "
+    "works. Install one, e.g. on Debian/Ubuntu: `apt-get update && apt-get install -y docker-compose` "
+    "(or the Docker Compose v2 plugin, `docker-compose-plugin`, from Docker's own apt repository)."
+)
+
+
+def _works(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def find_compose() -> list[str] | None:
+    """`docker compose` (v2 plugin) if it works, else a `docker-compose` on PATH, else None."""
+    if shutil.which("docker") and _works(["docker", "compose", "version"]):
+        return ["docker", "compose"]
+    if shutil.which("docker-compose") and _works(["docker-compose", "version"]):
+        return ["docker-compose"]
+    return None
+
+
+def compose_env() -> dict[str, str]:
+    """The caller's environment less the variables that would change what is resolved."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANOMSTREAM_", "COMPOSE_"))}
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    return env
 
 
 def instructions(path: Path) -> list[str]:

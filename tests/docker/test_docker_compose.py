@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,40 +15,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dockerfile import COMPOSE_FILE, REPO, instructions
+from dockerfile import (
+    COMPOSE_FILE,
+    INSTALL_HINT,
+    REPO,
+    compose_env,
+    find_compose,
+    instructions,
+)
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 SERVICES = {"kafka", "trainer", "detector", "logdetector", "rules", "alerter", "scraper", "producer", "log-producer"}
-
-INSTALL_HINT = (
-    "no Docker Compose implementation found: neither `docker compose version` nor `docker-compose` "
-    "works. Install one, e.g. on Debian/Ubuntu: `apt-get update && apt-get install -y docker-compose` "
-    "(or the Docker Compose v2 plugin, `docker-compose-plugin`, from Docker's own apt repository)."
-)
-
-
-def _works(cmd: list[str]) -> bool:
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def find_compose() -> list[str] | None:
-    """`docker compose` (v2 plugin) if it works, else a `docker-compose` on PATH, else None."""
-    if shutil.which("docker") and _works(["docker", "compose", "version"]):
-        return ["docker", "compose"]
-    if shutil.which("docker-compose") and _works(["docker-compose", "version"]):
-        return ["docker-compose"]
-    return None
-
-
-def _compose_env() -> dict[str, str]:
-    """The caller's environment less the variables that would change what is resolved."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANOMSTREAM_", "COMPOSE_"))}
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    return env
-
 
 def _env_mapping(env) -> dict[str, str]:
     if isinstance(env, list):
@@ -60,7 +36,7 @@ def _env_mapping(env) -> dict[str, str]:
 def resolved_config(compose: list[str]) -> tuple[set[str], dict[str, str]]:
     """(service names, detector's environment) as the compose implementation resolves them."""
     base = [*compose, "-f", str(COMPOSE_FILE), "config"]
-    run = dict(capture_output=True, text=True, timeout=120, env=_compose_env(), cwd=REPO)
+    run = dict(capture_output=True, text=True, timeout=120, env=compose_env(), cwd=REPO)
 
     # compose v2 prints JSON on request; v1 knows no --format (and prints its usage instead).
     result = subprocess.run([*base, "--format", "json"], **run)
@@ -211,7 +187,7 @@ def test_service_image_healthcheck_asks_healthz_on_the_configured_port(status, h
     else:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        done = subprocess.run([sys.executable, *argv[1:]], env={**_compose_env(), "ANOMSTREAM_HTTP_PORT": str(port)},
+        done = subprocess.run([sys.executable, *argv[1:]], env={**compose_env(), "ANOMSTREAM_HTTP_PORT": str(port)},
                               capture_output=True, text=True, timeout=30)
     finally:
         if status is not None:
