@@ -4,6 +4,7 @@ env file, and otherwise the same services as docker-compose.yml."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -96,6 +97,23 @@ def test_compose_resolves_it_with_an_env_file(tmp_path):
     assert any(v.endswith(":/etc/anomstream/certs:ro") for v in config["detector"]["volumes"]
                if isinstance(v, str)) or any(
         isinstance(v, dict) and v.get("target") == "/etc/anomstream/certs" for v in config["detector"]["volumes"])
+
+
+def test_compose_reads_docker_dotenv_not_the_repositorys(tmp_path):
+    """Without --env-file compose reads the .env beside the compose file (docker/.env), not the
+    repository's .env that `make run` reads: the demo and the cluster stay apart."""
+    compose = find_compose()
+    if compose is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    (tmp_path / "docker").mkdir()
+    shutil.copy(EXTERNAL_FILE, tmp_path / "docker" / EXTERNAL_FILE.name)
+    (tmp_path / "docker" / ".env").write_text("ANOMSTREAM_BOOTSTRAP_SERVERS=cluster.example:9093\n")
+    (tmp_path / ".env").write_text("ANOMSTREAM_BOOTSTRAP_SERVERS=127.0.0.1:9092\n")
+    done = subprocess.run([*compose, "-f", f"docker/{EXTERNAL_FILE.name}", "config"], capture_output=True,
+                          text=True, timeout=120, env=compose_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    env = yaml.safe_load(done.stdout)["services"]["rules"]["environment"]
+    assert env["ANOMSTREAM_BOOTSTRAP_SERVERS"] == "cluster.example:9093"
 
 
 def test_compose_refuses_it_without_bootstrap_servers(tmp_path):
