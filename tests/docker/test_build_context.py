@@ -85,6 +85,16 @@ def test_the_context_leaves_out_local_state_and_secrets():
         assert rel not in sent, f"{rel} is sent to the Docker daemon"
 
 
+def test_env_files_anywhere_stay_out_of_the_context(tmp_path):
+    """A settings file with cluster credentials (.env, docker/.env, x.env) is never sent to the
+    daemon, wherever it lies: the repository's .dockerignore applied to a context that has them."""
+    (tmp_path / ".dockerignore").write_text((REPO / ".dockerignore").read_text())
+    secrets = [".env", "docker/.env", "rules/.env", "cluster.env", "sub/dir/prod.env"]
+    context, dockerfile = make_context(tmp_path, {rel: "ANOMSTREAM_SASL_PASSWORD=x\n" for rel in secrets},
+                                       None, "FROM scratch\n", "docker/Dockerfile")
+    assert not set(secrets) & context_paths(context, dockerfile)
+
+
 @pytest.mark.parametrize("dockerfile", sorted(DOCKER_DIR.glob("Dockerfile*")), ids=lambda p: p.name)
 def test_dockerfile_builds_without_buildkit(dockerfile):
     """The design: no BuildKit-only syntax, so the classic builder (CI's docker-compose 1.29,
