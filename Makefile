@@ -2,24 +2,34 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two installs, each with its stamp: `make run` and the other commands install what they run (the
+# package with the `train` extra, TensorFlow, and the local broker's jars); `make test` adds the
+# `test` extra (pytest, pyspark, psycopg, import-linter, docker-py). Either works on a fresh machine.
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install run test train evaluate bench kafka-up kafka-down docker-config clean
+.PHONY: install install-test run test train evaluate bench kafka-up kafka-down docker-config clean
 
-install: $(STAMP)
+install: $(RUN_STAMP)
+
+install-test: $(TEST_STAMP)
 
 # A fresh machine needs Python >= 3.11, Java 17 and Maven; everything else is fetched here.
-$(STAMP): pyproject.toml broker/pom.xml
+$(RUN_STAMP): pyproject.toml broker/pom.xml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,train]'
+	$(BIN)/pip install -q -e '.[train]'
 	$(BIN)/python -m shared.local_broker fetch
-	touch $(STAMP)
+	touch $@
+
+$(TEST_STAMP): $(RUN_STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[test,train]'
+	touch $@
 
 run: install
 	$(BIN)/anomstream run
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest
 
 train: install

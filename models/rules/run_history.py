@@ -1,7 +1,8 @@
 """Run history: every check of every detector definition, and how far the rules service had read.
 
 SQLite file by default (WAL, so `anomstream runs` and `chart` can read while the service writes);
-PostgreSQL with a `postgresql+psycopg://...` URL. A check is stored once per (definition,
+PostgreSQL with a `postgresql+psycopg://...` URL, whose driver is the `postgres` extra
+(`pip install 'anomstream[postgres]'`; the Docker image: build arg EXTRAS=postgres). A check is stored once per (definition,
 version, group, window start): re-recording it after a restart, when the service re-reads from its
 last commit, inserts nothing. Each group's state is stored with its check, so the service resumes
 a definition from `latest_states`.
@@ -9,6 +10,7 @@ a definition from `latest_states`.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
@@ -38,6 +40,22 @@ from sqlalchemy.types import TypeDecorator
 from models.rules.engine import Check
 
 DIALECT_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+POSTGRES_DRIVER = "psycopg"  # psycopg 3, the `postgres` extra
+
+
+def check_driver(url) -> None:
+    """A PostgreSQL URL names psycopg (3) as its driver and psycopg is installed; else a ValueError
+    that says how to fix it, instead of SQLAlchemy's ModuleNotFoundError at the first connection."""
+    if url.get_backend_name() != "postgresql":
+        return
+    shown = url.render_as_string()
+    if url.get_driver_name() != POSTGRES_DRIVER:
+        raise ValueError(f"run history URL {shown!r}: write postgresql+{POSTGRES_DRIVER}://user:password@host/db "
+                         f"(the driver anomstream installs is psycopg 3, not {url.get_driver_name()})")
+    if importlib.util.find_spec(POSTGRES_DRIVER) is None:
+        raise ValueError(f"run history URL {shown!r} needs the PostgreSQL driver, which is not installed: "
+                         "pip install 'anomstream[postgres]' (the Docker image: build it with EXTRAS=postgres, "
+                         "as docker/docker-compose.yml does)")
 
 
 class UTCDateTime(TypeDecorator):
@@ -125,6 +143,7 @@ class RunHistory:
         if parsed.get_backend_name() not in DIALECT_INSERTS:
             raise ValueError(f"run history URL {parsed.render_as_string()!r}: only sqlite:///PATH and "
                              "postgresql+psycopg://... are supported")
+        check_driver(parsed)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite" and parsed.database and parsed.database != ":memory:" \
                 and not parsed.database.startswith("file:"):

@@ -7,48 +7,25 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = REPO / "docker" / "docker-compose.yml"
-DOCKERFILE = REPO / "docker" / "Dockerfile"
-SERVICES = {"kafka", "trainer", "detector", "logdetector", "rules", "alerter", "scraper", "producer", "log-producer"}
-
-INSTALL_HINT = (
-    "no Docker Compose implementation found: neither `docker compose version` nor `docker-compose` "
-    "works. Install one, e.g. on Debian/Ubuntu: `apt-get update && apt-get install -y docker-compose` "
-    "(or the Docker Compose v2 plugin, `docker-compose-plugin`, from Docker's own apt repository)."
+from dockerfile import (
+    COMPOSE_FILE,
+    INSTALL_HINT,
+    REPO,
+    compose_env,
+    find_compose,
+    instructions,
 )
 
-
-def _works(cmd: list[str]) -> bool:
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def find_compose() -> list[str] | None:
-    """`docker compose` (v2 plugin) if it works, else a `docker-compose` on PATH, else None."""
-    if shutil.which("docker") and _works(["docker", "compose", "version"]):
-        return ["docker", "compose"]
-    if shutil.which("docker-compose") and _works(["docker-compose", "version"]):
-        return ["docker-compose"]
-    return None
-
-
-def _compose_env() -> dict[str, str]:
-    """The caller's environment less the variables that would change what is resolved."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANOMSTREAM_", "COMPOSE_"))}
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    return env
-
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+SERVICES = {"kafka", "trainer", "detector", "logdetector", "rules", "alerter", "scraper", "producer", "log-producer"}
 
 def _env_mapping(env) -> dict[str, str]:
     if isinstance(env, list):
@@ -59,7 +36,7 @@ def _env_mapping(env) -> dict[str, str]:
 def resolved_config(compose: list[str]) -> tuple[set[str], dict[str, str]]:
     """(service names, detector's environment) as the compose implementation resolves them."""
     base = [*compose, "-f", str(COMPOSE_FILE), "config"]
-    run = dict(capture_output=True, text=True, timeout=120, env=_compose_env(), cwd=REPO)
+    run = dict(capture_output=True, text=True, timeout=120, env=compose_env(), cwd=REPO)
 
     # compose v2 prints JSON on request; v1 knows no --format (and prints its usage instead).
     result = subprocess.run([*base, "--format", "json"], **run)
@@ -134,195 +111,10 @@ def test_image_writes_under_one_data_directory():
                 f"{name}: {target} is not created (for the anomstream user) in the image"
 
 
-# --- What `docker build` sees: the build context after .dockerignore -----------------------------
-
-BUILDKIT_ONLY_FLAGS = ("--chmod", "--link", "--parents", "--exclude", "--checksum", "--keep-git-dir")
-
-
-def dockerfile_instructions(path: Path) -> list[str]:
-    """The instructions of a Dockerfile, continuation lines joined, comments left out."""
-    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
-    return [i.strip() for i in re.sub(r"\\\n", " ", "\n".join(lines)).splitlines() if i.strip()]
-
-
-def copy_instructions(path: Path) -> list[tuple[str, list[str], list[str], str]]:
-    """(COPY or ADD, flags, sources, destination) of each COPY/ADD instruction."""
-    copies = []
-    for instruction in dockerfile_instructions(path):
-        word, _, rest = instruction.partition(" ")
-        if word.upper() not in ("COPY", "ADD"):
-            continue
-        args = rest.split()
-        flags = [a for a in args if a.startswith("--")]
-        args = [a for a in args if not a.startswith("--")]
-        if args and args[0].startswith("["):  # JSON form: COPY ["src", "dest"]
-            args = json.loads(" ".join(args))
-        copies.append((word.upper(), flags, args[:-1], args[-1]))
-    return copies
-
-
-def _pattern_regex(pattern: str) -> re.Pattern:
-    """A .dockerignore pattern as Docker reads it (Go's filepath.Match, plus `**` for any number
-    of folders), anchored at the context root."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            i += 2
-            if pattern.startswith("/", i):
-                out.append("(?:.*/)?")
-                i += 1
-            else:
-                out.append(".*")
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            end = pattern.index("]", i + 2 if pattern.startswith("[^", i) else i + 1)
-            body = pattern[i + 1:end]
-            out.append("[" + ("^" + re.escape(body[1:]) if body.startswith("^") else re.escape(body)) + "]")
-            i = end
-        elif c == "\\" and i + 1 < len(pattern):
-            i += 1
-            out.append(re.escape(pattern[i]))
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-class DockerIgnore:
-    """The patterns of a .dockerignore: the last pattern that matches a path, or one of its
-    parent folders, decides; `!pattern` takes a path back in."""
-
-    def __init__(self, text: str):
-        self.rules = []
-        for line in text.splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            keep = line.startswith("!")
-            pattern = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
-            self.rules.append((_pattern_regex(pattern), keep))
-
-    def excluded(self, rel: str) -> bool:
-        parts = Path(rel).parts
-        candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-        excluded = False
-        for regex, keep in self.rules:
-            if any(regex.match(c) for c in candidates):
-                excluded = not keep
-        return excluded
-
-
-def context_sees(context: Path, ignore: DockerIgnore, rel: str) -> bool:
-    """Whether a path (a file, or a folder with at least one file left in) reaches the build."""
-    rel = os.path.normpath(rel).lstrip("/")
-    path = context / rel
-    if rel == ".":
-        return True
-    if not path.exists() or ignore.excluded(rel):
-        return False
-    if path.is_dir():
-        return any(not ignore.excluded(str(f.relative_to(context))) for f in path.rglob("*") if f.is_file())
-    return True
-
-
-def compose_builds() -> list[tuple[Path, Path]]:
-    """(context, Dockerfile) of each image docker-compose.yml builds."""
-    builds = set()
-    for service in yaml.safe_load(COMPOSE_FILE.read_text())["services"].values():
-        build = service.get("build")
-        if build:
-            context = (COMPOSE_FILE.parent / build["context"]).resolve()
-            builds.add((context, (context / build.get("dockerfile", "Dockerfile")).resolve()))
-    return sorted(builds)
-
-
-def test_compose_builds_both_dockerfiles_from_the_repository():
-    assert compose_builds() == [(REPO, DOCKERFILE), (REPO, REPO / "docker" / "Dockerfile.kafka")]
-
-
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.kafka"])
-def test_copy_sources_are_in_the_build_context(dockerfile):
-    """Every local COPY/ADD source exists in the context and is not left out by .dockerignore, and
-    every file a RUN reads from a copied folder was copied too."""
-    path = REPO / "docker" / dockerfile
-    ignore = DockerIgnore((REPO / ".dockerignore").read_text())
-    missing = []
-    copies = copy_instructions(path)
-    assert copies, f"no COPY/ADD in {dockerfile}"
-    for word, flags, sources, dest in copies:
-        if any(f.startswith("--from") for f in flags):
-            continue  # from another build stage, not from the context
-        for src in sources:
-            if re.match(r"(https?|git)://|git@", src):
-                continue  # a download, not the context
-            if any(ch in src for ch in "*?["):
-                if not any(context_sees(REPO, ignore, str(m.relative_to(REPO))) for m in REPO.glob(src)):
-                    missing.append(f"{word} {src}: nothing in the build context matches")
-            elif not context_sees(REPO, ignore, src):
-                missing.append(f"{word} {src}: " + ("left out by .dockerignore" if (REPO / src).exists()
-                                                    else "no such file in the build context"))
-        # A RUN that reads DEST/<path> of a copied folder needs <path> in the context too.
-        if len(sources) == 1 and not re.match(r"https?://", sources[0]):
-            runs = " ".join(i for i in dockerfile_instructions(path) if i.upper().startswith("RUN "))
-            for rel in re.findall(re.escape(dest.rstrip("/")) + r"/([\w.][\w./-]*)", runs):
-                if not context_sees(REPO, ignore, str(Path(sources[0]) / rel)):
-                    missing.append(f"RUN reads {dest.rstrip('/')}/{rel}: {Path(sources[0]) / rel} not in the context")
-    assert not missing, f"{dockerfile}:\n" + "\n".join(missing)
-
-
-def test_pip_install_of_the_context_has_what_it_needs():
-    """`pip install` of the copied context needs pyproject.toml, the readme it names, the packages
-    and their package data (the K-Means recording the trainer uses by default)."""
-    import tomllib
-
-    ignore = DockerIgnore((REPO / ".dockerignore").read_text())
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    needed = ["pyproject.toml", project["project"]["readme"], "shared/__init__.py", "models/__init__.py",
-              "services/__init__.py", "models/kmeans/data/kafka_load.csv"]
-    for package, globs in project["tool"]["setuptools"]["package-data"].items():
-        folder = package.replace(".", "/")
-        for pattern in globs:
-            matches = sorted(REPO.glob(f"{folder}/{pattern}"))
-            assert matches, f"package data {package}: {pattern} matches no file"
-            needed += [str(m.relative_to(REPO)) for m in matches]
-    assert "models/kmeans/data/kafka_load.csv" in needed, "the K-Means recording is not package data"
-    left_out = [rel for rel in needed if not context_sees(REPO, ignore, rel)]
-    assert not left_out, f"not in the build context: {left_out}"
-
-
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.kafka"])
-def test_dockerfile_builds_without_buildkit(dockerfile):
-    """docker-compose v1 and `DOCKER_BUILDKIT=0` use the classic builder, which rejects BuildKit-only
-    syntax: COPY/ADD --chmod/--link/..., RUN --mount, heredocs, a `# syntax=` frontend."""
-    path = REPO / "docker" / dockerfile
-    text = path.read_text()
-    problems = [f"{word} {flag}" for word, flags, _, _ in copy_instructions(path)
-                for flag in flags if flag.split("=", 1)[0] in BUILDKIT_ONLY_FLAGS]
-    problems += [i for i in dockerfile_instructions(path) if re.match(r"RUN\s+--(mount|network|security)", i, re.IGNORECASE)]
-    problems += [line for line in text.splitlines() if re.search(r"<<-?\s*['\"]?[A-Z]+", line)]
-    if re.match(r"\s*#\s*syntax\s*=", text):
-        problems.append("# syntax= directive")
-    assert not problems, f"{dockerfile} needs BuildKit: {problems}"
-
-
-def test_dockerignore_matching():
-    ignore = DockerIgnore("**/__pycache__\n*.egg-info\nbroker/*\n!broker/jmx-exporter.yaml\n/tests\n")
-    assert ignore.excluded("__pycache__/x.pyc") and ignore.excluded("shared/__pycache__/a.pyc")
-    assert ignore.excluded("anomstream.egg-info/PKG-INFO") and not ignore.excluded("sub/anomstream.egg-info")
-    assert ignore.excluded("broker/pom.xml") and not ignore.excluded("broker/jmx-exporter.yaml")
-    assert ignore.excluded("tests/data/x.csv") and not ignore.excluded("shared/tests.py")
-    assert DockerIgnore("broker\n").excluded("broker/jmx-exporter.yaml")
-
-
 def dockerfile_requirements(extras: str) -> list[str]:
     """What the Dockerfile's dependency layer installs for build arg EXTRAS, computed by running its
     own RUN line's Python on this pyproject.toml (ARG values are environment variables in a RUN)."""
-    runs = " ".join(i for i in dockerfile_instructions(DOCKERFILE) if i.upper().startswith("RUN "))
+    runs = " ".join(i for i in instructions(DOCKERFILE) if i.upper().startswith("RUN "))
     code = re.search(r'python -c "(.*?)" +>', runs).group(1)
     code = code.replace("/tmp/build/pyproject.toml", str(REPO / "pyproject.toml"))  # as the shell passes it
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "EXTRAS": extras},
@@ -332,13 +124,154 @@ def dockerfile_requirements(extras: str) -> list[str]:
 
 
 def test_service_image_has_no_tensorflow_and_the_trainer_image_has_it():
-    services = dockerfile_requirements("")
-    trainer_args = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["trainer"]["build"]["args"]
-    trainer = dockerfile_requirements(trainer_args["EXTRAS"])
-    assert any(r.startswith("numpy") for r in services) and any(r.startswith("confluent-kafka") for r in services)
-    assert not any("tensorflow" in r for r in services), services
+    """The services' image: the core dependencies and the PostgreSQL driver (the `postgres` extra,
+    for a run history on PostgreSQL), no TensorFlow; the trainer's image has TensorFlow. A plain
+    `docker build` (EXTRAS empty) installs the core dependencies alone."""
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    plain = dockerfile_requirements("")
+    services = dockerfile_requirements(compose["detector"]["build"]["args"]["EXTRAS"])
+    trainer = dockerfile_requirements(compose["trainer"]["build"]["args"]["EXTRAS"])
+    for requirements in (plain, services):
+        assert any(r.startswith("numpy") for r in requirements) and any(r.startswith("confluent-kafka") for r in requirements)
+        assert not any("tensorflow" in r for r in requirements), requirements
+    assert not any(r.startswith("psycopg") for r in plain), "psycopg is the postgres extra, not a core dependency"
+    assert any(r.startswith("psycopg[binary]") for r in services), services
     assert any(r.startswith("tensorflow-cpu") for r in trainer), trainer
     # Every service but the trainer runs the TensorFlow-free image.
-    compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    for name in ("detector", "logdetector", "rules", "alerter"):
-        assert compose[name]["image"] == "anomstream:latest" and "args" not in compose[name].get("build", {})
+    for name, service in compose.items():
+        if name not in ("kafka", "trainer"):
+            assert service["image"] == "anomstream:latest" and service["build"] == compose["detector"]["build"], name
+
+
+# --- Health, start order, stopping ---------------------------------------------------------------
+
+KAFKA_DOCKERFILE = REPO / "docker" / "Dockerfile.kafka"
+STREAM_SERVICES = ("detector", "logdetector", "rules", "alerter")  # shared.stream loops: drain on SIGTERM
+ONE_SHOTS = ("trainer", "producer", "log-producer")
+
+
+def compose_services() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+def image_healthcheck(dockerfile: Path) -> tuple[list[str], str]:
+    """(options, command) of a Dockerfile's HEALTHCHECK."""
+    found = [i for i in instructions(dockerfile) if i.upper().startswith("HEALTHCHECK ")]
+    assert len(found) == 1, f"{dockerfile.name}: {len(found)} HEALTHCHECK instructions"
+    options, _, command = found[0].split(None, 1)[1].partition(" CMD ")
+    return options.split(), command.strip()
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (`90s`, `1m30s`, `500ms`) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(duration))
+    assert parts and "".join(n + u for n, u in parts) == str(duration), f"not a duration: {duration!r}"
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[u] for n, u in parts)
+
+
+class _Healthz(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(self.status if self.path == "/healthz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status, healthy", [(200, True), (503, False), (None, False)])
+def test_service_image_healthcheck_asks_healthz_on_the_configured_port(status, healthy):
+    """The image's HEALTHCHECK command, run as Docker runs it (exec form) against a stand-in
+    service: healthy (exit 0) only when /healthz answers 200 on ANOMSTREAM_HTTP_PORT."""
+    _, command = image_healthcheck(DOCKERFILE)
+    argv = json.loads(command)
+    assert argv[:2] == ["python", "-c"], argv
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Healthz,), {"status": status or 200}))
+    port = server.server_address[1]
+    if status is None:
+        server.server_close()  # nothing listens: connection refused
+    else:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = subprocess.run([sys.executable, *argv[1:]], env={**compose_env(), "ANOMSTREAM_HTTP_PORT": str(port)},
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        if status is not None:
+            server.shutdown()
+            server.server_close()
+    assert (done.returncode == 0) == healthy, (status, done.returncode, done.stderr[-500:])
+    if not healthy:
+        assert done.returncode == 1  # Docker: 1 is unhealthy, 2 is reserved
+    assert "'9400'" in argv[2], "the default port is 9400"
+
+
+def test_compose_healthchecks_are_the_images():
+    """Compose spells out the images' checks (so `docker compose config` shows them); the same
+    commands, so they cannot drift apart. The broker's check runs its JVM without KAFKA_OPTS (the
+    JMX exporter agent there would fail to bind the broker's :7071 and fail the check)."""
+    services = compose_services()
+    _, service_check = image_healthcheck(DOCKERFILE)
+    options, kafka_check = image_healthcheck(KAFKA_DOCKERFILE)
+    assert kafka_check.startswith("KAFKA_OPTS= /opt/kafka/bin/kafka-broker-api-versions.sh"), kafka_check
+    assert services["kafka"]["healthcheck"]["test"] == ["CMD-SHELL", kafka_check]
+    for name in ("detector", "logdetector", "rules", "alerter", "scraper"):
+        check = services[name]["healthcheck"]
+        assert check["test"] == ["CMD", *json.loads(service_check)], name
+        assert seconds(check["timeout"]) > 4, "the check's own urlopen timeout is 4 s"
+
+
+def test_long_running_services_are_checked_and_one_shots_are_not():
+    for name, service in compose_services().items():
+        check = service.get("healthcheck", {})
+        if name in ONE_SHOTS:
+            assert service.get("restart") == "no" and check.get("disable") is True, name
+        else:
+            assert check.get("test"), f"{name}: no healthcheck"
+            assert name == "kafka" or service.get("restart") == "unless-stopped", name
+
+
+def test_start_order_waits_for_health_and_for_the_trainer():
+    services = compose_services()
+    for name, service in services.items():
+        depends = service.get("depends_on", {})
+        assert isinstance(depends, dict), f"{name}: depends_on without conditions"
+        for target, how in depends.items():
+            condition = how["condition"]
+            assert condition in ("service_healthy", "service_completed_successfully"), (name, target, condition)
+            if condition == "service_healthy":
+                assert services[target]["healthcheck"].get("test"), f"{name} waits for {target}, which has no check"
+            else:
+                assert target in ONE_SHOTS, (name, target)
+        if name not in ("kafka", "trainer"):
+            assert depends.get("kafka") == {"condition": "service_healthy"}, name
+    for name in ("detector", "logdetector"):
+        assert services[name]["depends_on"]["trainer"] == {"condition": "service_completed_successfully"}
+    assert services["producer"]["depends_on"]["detector"] == {"condition": "service_healthy"}
+    assert services["log-producer"]["depends_on"]["logdetector"] == {"condition": "service_healthy"}
+
+
+def detector_worker_stop_timeout() -> float:
+    """How long the detector's supervisor waits for a SIGTERMed worker before killing it."""
+    source = (REPO / "services" / "detector" / "service.py").read_text()
+    joins = re.findall(r"\bp\.join\((\d+(?:\.\d+)?)\)", source)
+    assert len(joins) == 1, "the supervisor's wait for a stopping worker (p.join(N)) is not found: update this test"
+    return float(joins[0])
+
+
+DRAIN_MARGIN_S = 15.0  # leaving the group, closing the producer, the supervisor's own exit
+
+
+def test_stop_grace_period_outlasts_the_drain():
+    """docker stop kills after stop_grace_period: it must outlast a stream service's drain on
+    SIGTERM (finish the batch; send_offsets_to_transaction and commit_transaction, each given up on
+    TXN_HUNG_AFTER_S after it was called), and for the detector the supervisor's wait for its workers."""
+    from shared.stream import TXN_HUNG_AFTER_S
+
+    services = compose_services()
+    transaction = 2 * TXN_HUNG_AFTER_S
+    for name in STREAM_SERVICES:
+        grace = seconds(services[name].get("stop_grace_period", "10s"))
+        assert grace >= transaction + DRAIN_MARGIN_S, f"{name}: stop_grace_period {grace} s"
+    detector = seconds(services["detector"]["stop_grace_period"])
+    assert detector >= max(detector_worker_stop_timeout(), transaction) + DRAIN_MARGIN_S, detector

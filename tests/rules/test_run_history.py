@@ -252,6 +252,21 @@ def test_sqlite_uses_wal_and_creates_the_folder(tmp_path):
         h.close()
 
 
+def test_postgresql_without_its_driver_names_the_extra(monkeypatch):
+    """psycopg is the `postgres` extra, not a core dependency: a PostgreSQL URL without it is refused
+    at once, saying what to install (and without the password)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'anomstream\[postgres\]'.*EXTRAS=postgres") as caught:
+        RunHistory("postgresql+psycopg://svc:s3cret-pw@db.example/history")
+    assert "s3cret-pw" not in str(caught.value)
+
+
+def test_postgresql_with_another_driver_is_refused():
+    with pytest.raises(ValueError, match=r"postgresql\+psycopg://.*not psycopg2"):
+        RunHistory("postgresql+psycopg2://svc@db.example/history")
+
+
 # ---------------------------------------------------------------- anomstream runs / chart
 
 @pytest.fixture
