@@ -136,7 +136,13 @@ def serve_http(port: int, probe: Probe, registry: CollectorRegistry = REGISTRY, 
         def log_message(self, *args):  # scrapes every few seconds are not log lines
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:  # e.g. the port taken: the service runs on, without its endpoints
+        if log is not None:
+            log.error("cannot serve /metrics, /healthz, /readyz (setting ANOMSTREAM_HTTP_PORT)", port=port,
+                      error=str(exc))
+        return None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     if log is not None:

@@ -234,8 +234,12 @@ class RuleEngine:
                 times[ts_field] = parse_timestamp(record.get(ts_field), self.timestamp_unit)
             ts = times[ts_field]
             if ts is None:
+                given = record.get(ts_field)
+                hint = (" (epoch milliseconds? set ANOMSTREAM_TIMESTAMP_UNIT=milliseconds)"
+                        if self.timestamp_unit == "seconds" and isinstance(given, (int, float))
+                        and parse_timestamp(given, "milliseconds") is not None else "")
                 problems.append(f"{d.name}: {ts_field!r} is missing or not a timestamp (ISO 8601, or epoch "
-                                f"{self.timestamp_unit} in 1970..2200)")
+                                f"{self.timestamp_unit} in 1970..2200){hint}")
                 continue
             if not 0 <= ts <= time.time() + MAX_FUTURE_S:
                 # e.g. epoch milliseconds: it would carry the watermark centuries ahead and make

@@ -472,6 +472,7 @@ def run_overrides(base: dict, run: str, workers: int, batch_size: int) -> dict:
         "topic_scores": f"bench_scores_{run}", "topic_anomalies": f"bench_anomalies_{run}",
         "topic_dead_letter": f"bench_dead_letter_{run}", "consumer_group": f"bench_detector_{run}",
         "partitions_input": 3, "partitions_scores": 3, "workers": workers, "batch_size": batch_size,
+        "auto_offset_reset": "earliest", "http_port": 0,  # a fresh group reads the backlog made before it
     }
 
 

@@ -232,13 +232,19 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         env = os.environ | {"ANOMSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
                             "ANOMSTREAM_AUTO_OFFSET_RESET": "earliest",  # the replay is sent as they start
                             "ANOMSTREAM_STATE_TOPIC_PREFIX": run_state_prefix(settings, run_id)}
+        # One /metrics port per service on this host: the setting's for the detector, the next ones
+        # for the rules service, the alerter and the log detector (0: none).
+        ports = {name: settings.http_port + i if settings.http_port else 0
+                 for i, name in enumerate(("detector", "rules", "alerter", "logdetector"))}
         with open(log_dir / "detector.log", "ab") as detector_log:
             procs["detector"] = subprocess.Popen([sys.executable, "-m", "services.detector"],
-                                                 env=env, stdout=detector_log, stderr=subprocess.STDOUT)
+                                                 env=env | {"ANOMSTREAM_HTTP_PORT": str(ports["detector"])},
+                                                 stdout=detector_log, stderr=subprocess.STDOUT)
         rules_db = log_dir / "rules_history.db"
         rules_db.unlink(missing_ok=True)
         rules_env = env | {"ANOMSTREAM_RULES_GROUP": f"anomstream-rules-run-{int(time.time())}",
-                           "ANOMSTREAM_RULES_DB_URL": f"sqlite:///{rules_db}"}
+                           "ANOMSTREAM_RULES_DB_URL": f"sqlite:///{rules_db}",
+                           "ANOMSTREAM_HTTP_PORT": str(ports["rules"])}
         rules_topics = (settings.topic_input, settings.topic_transactions)
         for topic in rules_topics:
             commit_group_offsets(settings, rules_env["ANOMSTREAM_RULES_GROUP"], topic, before[topic])
@@ -249,11 +255,13 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         # configured); the raw log sample alone gives some 2,000 of them (see the LOGS line).
         with open(log_dir / "alerter.log", "ab") as alerter_log:
             procs["alerter"] = subprocess.Popen([sys.executable, "-m", "services.alerter"],
-                                                env=env | {"ANOMSTREAM_LOG_FORMAT": "console"}, stdout=alerter_log,
+                                                env=env | {"ANOMSTREAM_LOG_FORMAT": "console",
+                                                           "ANOMSTREAM_HTTP_PORT": str(ports["alerter"])},
+                                                stdout=alerter_log,
                                                 stderr=subprocess.STDOUT)
         log.info("detector, log detector, rules and alerter started", detector_log=str(log_dir / "detector.log"),
                  logdetector_log=str(log_dir / "logdetector.log"), rules_log=str(log_dir / "rules.log"),
-                 alerter_log=str(log_dir / "alerter.log"))
+                 alerter_log=str(log_dir / "alerter.log"), metrics_ports=ports)
         keys, values = encode_metric_frame(replay_frame(settings.nab_csvs()))
         sent = send(settings, settings.topic_input, keys, values, log=log)
         keys, values = encode_metric_frame(transactions(n_transactions, outlier_prob=0.01, seed=int(time.time())))
@@ -304,7 +312,8 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         # log_detector_env); its changelog is deleted when the run is over.
         log_state = log_dir / "logdetector-state"
         shutil.rmtree(log_state, ignore_errors=True)
-        logs_env = env | log_detector_env(settings, log_state, run_id)
+        logs_env = env | log_detector_env(settings, log_state, run_id) | {
+            "ANOMSTREAM_HTTP_PORT": str(ports["logdetector"])}
         logs_changelog = log_changelog(settings, logs_env)
         commit_group_offsets(settings, logs_env["ANOMSTREAM_LOGDETECTOR_GROUP"], settings.topic_logs,
                              before[settings.topic_logs])

@@ -90,7 +90,7 @@ def start_worker(t, tmp_path, delivery: str, stall_after: int | None = None) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANOMSTREAM_")}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     env |= {f"ANOMSTREAM_{k.upper()}": str(v) for k, v in t["settings"].items()}
-    env |= {"ANOMSTREAM_DELIVERY": delivery, "ANOMSTREAM_BATCH_SIZE": "20",
+    env |= {"ANOMSTREAM_DELIVERY": delivery, "ANOMSTREAM_BATCH_SIZE": "20", "ANOMSTREAM_AUTO_OFFSET_RESET": "earliest",
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),
             "MAPPER_IN": t["in"], "MAPPER_OUT": t["out"], "MAPPER_GROUP": t["group"],
             "MAPPER_INSTANCE": f"{t['group']}-mapper-test-0", "MAPPER_STALLED": str(tmp_path / "stalled")}
