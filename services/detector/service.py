@@ -246,6 +246,11 @@ def worker_main(settings: Settings, worker_id: int) -> None:
         sys.exit(EXIT_CONFIG_ERROR)
 
 
+# How long the supervisor waits, on SIGTERM, for its workers to finish their batches and commit
+# before it kills them (docker/docker-compose.yml's stop_grace_period outlasts it).
+WORKER_STOP_TIMEOUT_S = 60.0
+
+
 def supervise(settings: Settings) -> int:
     """Run settings.workers worker processes; restart one that dies (after a delay that grows while
     the slot's workers keep dying young: RestartBackoff); stop all on SIGTERM/SIGINT. A worker stops
@@ -313,8 +318,10 @@ def supervise(settings: Settings) -> int:
     for p in procs.values():
         if p.is_alive():
             p.terminate()  # SIGTERM: the worker finishes its batch and commits
+    # The workers drain side by side: one deadline for all of them, not WORKER_STOP_TIMEOUT_S each.
+    deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
     for p in procs.values():
-        p.join(60)
+        p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()
     if server is not None:
