@@ -437,12 +437,19 @@ class StreamLoop:
         the position."""
         try:
             assigned = self.consumer.assignment()
-            for tp in self.consumer.position(assigned) if assigned else []:
-                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if tp.offset >= 0 and high >= 0:
-                    LAG.labels(self.processor.name, tp.topic, str(tp.partition)).set(max(high - tp.offset, 0))
+            positions = self.consumer.position(assigned) if assigned else []
         except KafkaException:  # the broker away for a moment: the next turn tries again
-            pass
+            return
+        for tp in positions:
+            if tp.offset < 0:
+                continue  # nothing read from it yet
+            try:
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:  # not known from a fetch yet: ask the broker (rarely, briefly)
+                    _low, high = self.consumer.get_watermark_offsets(tp, timeout=0.5)
+            except KafkaException:
+                continue
+            LAG.labels(self.processor.name, tp.topic, str(tp.partition)).set(max(high - tp.offset, 0))
 
     def process_one_by_one(self, messages: list, now: float, note: bool = False) -> Result:
         """After a batch raised: each message on its own, so only the one that raises (a poison

@@ -103,7 +103,7 @@ def test_the_detector_serves_its_workers_figures_added_up(pipeline_settings, ser
     assert total(found, "anomstream_ready", service="detector") == 2
     assert total(found, "anomstream_state_restore_seconds_count", service="detector") >= 2  # each worker's assignment
     wait_until(lambda: any(n == "anomstream_consumer_lag_messages" and dict(ls).get("topic") == settings.topic_input
-                           for n, ls in samples(port)), 30, "the lag gauge", [detector])
+                           for n, ls in samples(port)), 60, "the lag gauge", [detector])
     assert detector.stop() == 0
 
 
