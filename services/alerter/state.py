@@ -7,6 +7,11 @@
   read again after a crash is not posted again.
 - `cooldown:<key>`: the event time (seconds) of the last alert of that cooldown key, in the
   partition of the record that set it.
+- `sent:<offset>` (grouping on): the targets (channels) whose group notification listed that record
+  of the partition: `["#ops"]`. Grouped records are held back from the commit until notified, so
+  more than one record past the committed offset may be posted; each says so itself. Written with
+  the notification, before the commit moves past the record; deleted (tombstone) once the
+  committed offset is past it.
 
 Writes go through a producer of their own, idempotent with acks=all and never transactional, and
 are flushed at once: a marker must be durable before the commit, whatever the stream loop's own
@@ -25,6 +30,7 @@ from shared.kafka import DeliveryTracker, make_admin, make_producer
 
 POSTED = b"posted"
 COOLDOWN = b"cooldown:"
+SENT = b"sent:"
 
 
 @dataclass
@@ -54,6 +60,16 @@ def parse_partition(entries: dict[bytes, bytes]) -> tuple[Posted, dict[str, floa
     cooldowns = {k[len(COOLDOWN):].decode(errors="replace"): float(v) for k, v in entries.items()
                  if k.startswith(COOLDOWN)}
     return Posted.decode(entries.get(POSTED)), cooldowns
+
+
+def sent_entry(offset: int, targets: list[str | None] | None) -> tuple[bytes, bytes | None]:
+    """The targets that have a record's group notification (None: a tombstone)."""
+    return SENT + str(offset).encode(), None if targets is None else json.dumps(targets).encode()
+
+
+def parse_sent(entries: dict[bytes, bytes]) -> dict[int, list[str | None]]:
+    """offset -> targets notified, of one partition's restored entries."""
+    return {int(k[len(SENT):]): list(json.loads(v)) for k, v in entries.items() if k.startswith(SENT) and v}
 
 
 class ChangelogStore:
