@@ -288,6 +288,8 @@ class Alerter(Processor):
             return self.already_posted(msg)
         self.held[(p, offset)] = waiting
         self.stats["grouped"] += 1
+        self.log.info("alert grouped", series=rec.series, kind=labels["kind"], partition=p, offset=offset,
+                      groups=len(waiting))
         return Outcome(True)
 
     def committable(self, read_to: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:

@@ -1,0 +1,89 @@
+"""The alerter service with grouping on the real broker and the local Slack server: killed while
+its records wait in a group (not notified, not committed), started again, it posts them once in
+one group message; silenced series never reach Slack; the series resolve once quiet."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from helpers import as_settings, wait_until
+from slack_server import VALID_TOKEN, SlackTestServer
+
+from services.alerter.silences import Silence, write_silences
+from shared.kafka import committed_offsets, end_offsets, ensure_topics, make_producer
+from shared.records.metrics import ScoreRecord
+
+pytestmark = pytest.mark.kafka
+
+T0 = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc).timestamp()
+
+
+def anomaly(series: str) -> bytes:
+    return ScoreRecord.model_validate({
+        "series": series, "timestamp": datetime.fromtimestamp(T0, timezone.utc).isoformat(), "value": 97.25,
+        "is_anomaly": True, "if_anomaly": True, "lstm_anomaly": False, "reconstruction_error": 0.125,
+        "if_score": 0.625, "model_version": "ec2_cpu-test", "source_topic": "input_data", "source_partition": 0,
+        "source_offset": 0, "source_timestamp_ms": 0, "detected_at": "2024-05-06T07:08:10Z",
+    }).model_dump_json().encode()
+
+
+def log_events(log: str, event: str) -> list[dict]:
+    return [r for r in (json.loads(line) for line in log.splitlines() if line.startswith("{"))
+            if r.get("event") == event]
+
+
+def resolved_series(messages: list[dict]) -> list[str]:
+    return [line[2:] for m in messages for line in m["text"].split("\n") if line.startswith("• ")]
+
+
+def test_grouped_alerts_survive_a_kill_are_posted_once_silenced_ones_never_and_resolve(kafka_bootstrap, services,
+                                                                                       tmp_path):
+    run = uuid.uuid4().hex[:8]
+    silences = tmp_path / "silences.yaml"
+    write_silences(silences, [Silence("hosts", ['series=~"host-.*"'], T0, 4e9, comment="maintenance")])
+    with SlackTestServer() as server:
+        overrides = {"bootstrap_servers": kafka_bootstrap, "topic_anomalies": f"anomalies_{run}",
+                     "topic_dead_letter": f"dead_letter_{run}", "alerter_group": f"alerter_{run}",
+                     "poll_timeout_s": "0.1", "slack_bot_token": VALID_TOKEN, "slack_base_url": server.base_url,
+                     "alert_grouping": True, "alert_group_wait_s": 600, "alert_group_interval_s": 2,
+                     "alert_resolve_timeout_s": 6, "alert_silences_file": str(silences), "alert_chart_points": 0,
+                     "home": str(tmp_path / "home")}
+        settings = as_settings(overrides)
+        ensure_topics(settings)
+        producer = make_producer(settings)
+        series = ["cpu-1", "cpu-2", "cpu-3", "host-1", "host-2"]
+        for s in series:
+            producer.produce(settings.topic_anomalies, anomaly(s), s.encode())
+        assert producer.flush(30) == 0
+        end = end_offsets(settings, settings.topic_anomalies)
+        assert sum(end.values()) == 5
+
+        def committed() -> dict[int, int]:
+            return committed_offsets(settings, settings.alerter_group, settings.topic_anomalies, end)
+
+        # group_wait 600 s: the three read, grouped, held; then killed (SIGKILL) before the notification.
+        alerter = services("alerter", overrides)
+        wait_until(lambda: len(log_events(alerter.log, "alert grouped")) == 3, 90, "three alerts grouped", [alerter])
+        assert len(log_events(alerter.log, "alert silenced")) == 2
+        alerter.proc.kill()
+        alerter.proc.wait()
+        assert server.messages == []
+        assert committed() != end  # not committed past a record still in its group
+        alerter = services("alerter", overrides | {"alert_group_wait_s": 1})
+        wait_until(lambda: committed() == end, 90, "every anomaly handled after the restart", [alerter])
+        (firing,) = server.messages
+        assert firing["text"].startswith(":rotating_light: [FIRING:3] kind=metric definition=ec2_cpu\n")
+        assert all(f"Anomaly in cpu-{i}" in firing["text"] for i in (1, 2, 3)) and "host-" not in firing["text"]
+        # Each series resolves 6 s after its last anomaly; read a few ms apart, they may resolve at
+        # different ticks, so one or more [RESOLVED] messages: each series in exactly one.
+        wait_until(lambda: len(resolved_series(server.messages[1:])) == 3, 60, "the resolved notices", [alerter])
+        assert alerter.stop() == 0
+    notices = server.messages[1:]
+    assert all(m["text"].startswith(":white_check_mark: [RESOLVED:") for m in notices)
+    assert sorted(resolved_series(notices)) == ["cpu-1", "cpu-2", "cpu-3"]  # each once
+    (stopped,) = log_events(alerter.log, "stream loop stopped")
+    assert stopped["silenced"] == 2 and stopped["silenced_by"] == {"hosts": 2}
+    assert stopped["posted"] == 1 + len(notices) and stopped["resolved"] == 3 and stopped["grouped"] == 3
