@@ -6,7 +6,9 @@ chart in the message's thread, and once-only posting of grouped records across a
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from helpers import FakeMsg
@@ -320,3 +322,56 @@ def test_grouped_records_are_posted_once_across_restarts(server, tmp_path):
     assert len(server.messages) == 2 and server.messages[1]["text"].startswith(":rotating_light: Anomaly in cpu-4")
     # The markers below the committed offset are deleted with the next notification's.
     assert {k for k in store.partitions[0] if k.startswith(b"sent:")} == {b"sent:3"}
+
+
+class AlertmanagerStub:
+    """A tiny local Alertmanager: records what POST /api/v2/alerts receives."""
+
+    def __init__(self):
+        self.received: list[list[dict]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                ok = self.path == "/api/v2/alerts" and self.headers.get("Content-Type") == "application/json"
+                if ok:
+                    stub.received.append(json.loads(body))
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_alerts_are_forwarded_to_an_alertmanager_firing_then_resolved(tmp_path):
+    am, clock = AlertmanagerStub(), Clock()
+    try:
+        a = make(clock=clock, home=tmp_path, alertmanager_url=am.url, alert_group_wait_s=0,
+                 alert_resolve_timeout_s=60)
+        a.handle(msg("cpu-1", 0))
+        tick(a)
+        ((firing,),) = am.received
+        assert firing["labels"] == {"alertname": "anomstream_metric", "series": "cpu-1", "kind": "metric",
+                                    "definition": "ec2_cpu"}
+        assert firing["startsAt"] == "2024-05-06T07:08:09+00:00" and "Anomaly in cpu-1" in firing["annotations"]["summary"]
+        assert "endsAt" not in firing
+        clock.t += 400  # quiet for the resolve timeout, and the group interval is over
+        tick(a)
+        ((resolved,),) = am.received[1:]
+        assert resolved["labels"] == firing["labels"] and resolved["endsAt"].startswith(
+            datetime.fromtimestamp(clock.t, timezone.utc).strftime("%Y-%m-%dT%H:%M"))
+        assert a.stats["alertmanager_sent"] == 2 and a.stats["logged"] == 2  # no Slack: logged
+    finally:
+        am.close()
+    a.handle(msg("cpu-2", 1))  # Alertmanager gone: counted and logged, the alert goes on
+    assert a.stats["alertmanager_failed"] == 1

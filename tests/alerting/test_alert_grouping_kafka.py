@@ -4,35 +4,17 @@ one group message; silenced series never reach Slack; the series resolve once qu
 
 from __future__ import annotations
 
-import json
 import uuid
-from datetime import datetime, timezone
 
 import pytest
 from helpers import as_settings, wait_until
 from slack_server import VALID_TOKEN, SlackTestServer
+from test_alerter_once_kafka import T0, anomaly, log_events
 
 from services.alerter.silences import Silence, write_silences
 from shared.kafka import committed_offsets, end_offsets, ensure_topics, make_producer
-from shared.records.metrics import ScoreRecord
 
 pytestmark = pytest.mark.kafka
-
-T0 = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc).timestamp()
-
-
-def anomaly(series: str) -> bytes:
-    return ScoreRecord.model_validate({
-        "series": series, "timestamp": datetime.fromtimestamp(T0, timezone.utc).isoformat(), "value": 97.25,
-        "is_anomaly": True, "if_anomaly": True, "lstm_anomaly": False, "reconstruction_error": 0.125,
-        "if_score": 0.625, "model_version": "ec2_cpu-test", "source_topic": "input_data", "source_partition": 0,
-        "source_offset": 0, "source_timestamp_ms": 0, "detected_at": "2024-05-06T07:08:10Z",
-    }).model_dump_json().encode()
-
-
-def log_events(log: str, event: str) -> list[dict]:
-    return [r for r in (json.loads(line) for line in log.splitlines() if line.startswith("{"))
-            if r.get("event") == event]
 
 
 def resolved_series(messages: list[dict]) -> list[str]:
