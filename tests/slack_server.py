@@ -23,6 +23,7 @@ class SlackTestServer:
         self.fail_5xx_first = fail_5xx_first  # then this many with 503
         self.requests: list[dict] = []  # every request: time, path, status answered
         self.messages: list[dict] = []  # accepted chat.postMessage / webhook payloads
+        self.message_ts: list[str] = []  # the ts answered for each accepted chat.postMessage
         self.uploads: dict[str, dict] = {}  # file id -> {"filename", "length", "data", then "channel_id", ...}
         self.files: list[dict] = []  # completed uploads (files.completeUploadExternal), in order
         self.lock = threading.Lock()
@@ -112,6 +113,7 @@ class SlackTestServer:
                 return 200, {}, {"ok": False, "error": "channel_not_found"}
             self.messages.append(body)
             ts = f"{time.time():.6f}"
+            self.message_ts.append(ts)
             return 200, {}, {"ok": True, "channel": "C0TEST", "ts": ts,
                              "message": {"type": "message", "text": body.get("text", ""), "ts": ts}}
 

@@ -138,6 +138,7 @@ class Alerter(Processor):
         `still_ours()` turned false during the retries (the partition went to another member, which
         posts it). A target that accepted is not posted again when a later one is retried."""
         refused = []
+        self.responses = {}  # only this alert's answers: a chart never goes under an older message
         for channel in self.slack.targets(channels or []):
             if channel in done:
                 continue

@@ -173,7 +173,7 @@ def test_one_message_per_group_notification_and_held_commits(server, tmp_path):
     assert len(server.files) == 2
     png = server.files[0]
     assert png["data"].startswith(PNG) and len(png["data"]) == png["length"] and png["channel_id"] == "C0TEST"
-    assert png["thread_ts"] and png["thread_ts"] != server.files[1]["thread_ts"]
+    assert [f["thread_ts"] for f in server.files] == server.message_ts  # each in its message's thread
     assert a.stats["charts"] == 2
 
 
@@ -375,3 +375,19 @@ def test_alerts_are_forwarded_to_an_alertmanager_firing_then_resolved(tmp_path):
         am.close()
     a.handle(msg("cpu-2", 1))  # Alertmanager gone: counted and logged, the alert goes on
     assert a.stats["alertmanager_failed"] == 1
+
+
+def test_a_chart_that_cannot_be_uploaded_does_not_hold_the_alert(server, tmp_path, monkeypatch):
+    a = make(home=tmp_path, alert_grouping=False, slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("upload refused")
+
+    monkeypatch.setattr(a.slack, "upload_png", refused)
+    assert a.handle(msg("cpu-1", 0))  # posted and committed all the same
+    assert len(server.messages) == 1 and server.files == []
+    assert a.stats["charts_failed"] == 1 and a.stats["posted"] == 1
+    monkeypatch.undo()
+    assert a.handle(msg("cpu-1", 1, ts=T0 + 600))
+    (png,) = server.files  # the ring holds both points of cpu-1; the chart goes under the second message
+    assert png["thread_ts"] == server.message_ts[1] and len(a.recent.of("cpu-1")) == 2
