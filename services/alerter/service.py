@@ -18,7 +18,7 @@ again after a crash is skipped (`already_posted`) instead of posted again. The o
 crash after Slack answered and before the marker was acknowledged (milliseconds): that alert is
 posted again.
 
-Alertmanager-like (README "Grouping, silences, routes and resolved notices"): every record gets
+Alertmanager-like (README "Alerting like Alertmanager"): every record gets
 labels (services.alerter.matchers); one an active silence matches (services.alerter.silences) is
 counted and logged, not posted; routes pick its channel (services.alerter.routing). With
 `alert_grouping`, records are grouped per channel and `alert_group_by` labels
@@ -119,6 +119,7 @@ class Alerter(Processor):
         self.recent = Recent(settings.alert_chart_points if self.slack.web is not None else 0)
         self.responses: dict = {}  # target -> Slack's answer to the last post there (channel id, ts)
         self.silenced = Counter()  # silence id -> anomalies it kept from Slack
+        self.webhook_warned: set[str] = set()  # rule definitions whose channels a webhook ignores, said once
         self.loop: StreamLoop | None = None
         self.store = store if store is not None else ChangelogStore(settings, log)
         # cooldown key (series, or "rule:<definition>:<group>") -> event time of the last alert posted
@@ -317,8 +318,6 @@ class Alerter(Processor):
                 refused = self.deliver(text, blocks, [group.channel] if group.channel else [])
                 if refused is None:  # stopping: the held records are read again on the next start
                     return changed
-                if refused is REVOKED:  # not asked for here (no still_ours); kept for type completeness
-                    refused = []
                 if refused:
                     reason = f"slack refused the alert for good: {'; '.join(refused)}"
                     self.log.error("alert not deliverable", reason=reason, group=group.describe())
@@ -413,7 +412,7 @@ class Alerter(Processor):
         if p not in self.posted:  # not restored by an assignment (a processor run without a consumer group)
             self.restore([p])
         posted = self.posted[p]
-        if offset < posted.offset and not self.grouping:  # handled before the restart: a later record was posted after it
+        if offset < posted.offset and not self.grouping:  # handled before the restart: a later one was posted
             return self.already_posted(msg)
         try:
             rec = anomaly_record_adapter.validate_json(msg.value() or b"")
@@ -439,6 +438,11 @@ class Alerter(Processor):
             self.stats["silenced"] += 1
             self.log.info("alert silenced", series=rec.series, kind=labels["kind"], silence=silence.id)
             return Outcome(True)
+        if channels and self.slack.webhook is not None and rec.definition not in self.webhook_warned:
+            self.webhook_warned.add(rec.definition)  # once per definition, not per firing
+            self.log.warning("a rule definition names slack channels, but slack_webhook_url posts to the "
+                             "webhook's own channel: they are ignored (set ANOMSTREAM_SLACK_BOT_TOKEN to honour them)",
+                             definition=rec.definition, channels=channels)
         channels = self.router.channels(labels, channels)
         self.forward(rec, labels, text)
         if self.grouping:

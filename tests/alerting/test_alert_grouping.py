@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from helpers import FakeMsg
 from slack_server import VALID_TOKEN, SlackTestServer
-from test_alerter_slack import LoopedAlerter, closed_port, record
+from test_alerter_slack import LoopedAlerter, closed_port, record, rule_payload
 
 from services.alerter.grouping import Alert, Grouper
 from services.alerter.silences import Silence, write_silences
@@ -279,14 +279,20 @@ def test_without_grouping_routes_and_silences_apply_too(server, tmp_path):
     assert png["data"].startswith(PNG) and png["thread_ts"]
 
 
-def test_webhook_with_routes_warns_at_start_up(server, tmp_path, capsys):
-    a = make(home=tmp_path, slack_webhook_url=server.webhook_url, alert_routes=[{"match": {"kind": "rule"},
-                                                                                  "channel": "#rules"}])
+def test_a_webhook_warns_that_it_ignores_route_and_rule_channels(server, tmp_path, capsys):
+    a = make(home=tmp_path, alert_grouping=False, alert_cooldown_s=0, slack_webhook_url=server.webhook_url,
+             alert_routes=[{"match": {"kind": "rule"}, "channel": "#rules"}])
     capsys.readouterr()
     a.processor.warn_webhook_channels()
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
     (warning,) = [x for x in lines if x.get("level") == "warning"]
     assert "ignored" in warning["event"] and warning["routes"] == ["#rules"]
+    for offset in range(2):  # a rule's own channels: said once per definition, then posted to the webhook
+        assert a.handle(FakeMsg(rule_payload(channels=["#ops"]), topic="anomalies", offset=offset))
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    (warning,) = [x for x in lines if x.get("level") == "warning"]
+    assert warning["definition"] == "cpu-high" and warning["channels"] == ["#ops"] and "ignored" in warning["event"]
+    assert len(server.messages) == 2 and "channel" not in server.messages[0]
     b = make(home=tmp_path, slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url,
              alert_routes=[{"match": {"kind": "rule"}, "channel": "#rules"}])
     capsys.readouterr()
