@@ -63,10 +63,17 @@ class Grouper:
             group = self.groups[key] = Group(key, channel, labels, now)
         if pending:
             group.pending.append(alert)
-        group.firing[alert.fingerprint] = now
+        if pending or alert.fingerprint not in group.firing:  # read again after a restart: not news
+            group.firing[alert.fingerprint] = now
         group.last[alert.fingerprint] = alert
         group.resolved = [a for a in group.resolved if a.fingerprint != alert.fingerprint]  # firing again
         return group
+
+    def restore(self, channel: str | None, alert: Alert, seen: float) -> None:
+        """A series notified as firing before a restart, its last anomaly at `seen`: it resolves
+        resolve_timeout after that, unless it fires again."""
+        group = self.add(channel, alert, pending=False)
+        group.firing[alert.fingerprint] = min(group.firing[alert.fingerprint], seen)
 
     def due(self) -> list[Group]:
         """The groups whose notification is due now (resolving the series that went quiet first)."""

@@ -26,9 +26,9 @@ counted and logged, not posted; routes pick its channel (services.alerter.routin
 per group notification. A grouped record is held back from the commit until its group's
 notification was accepted (`committable`) and a `sent:<offset>` marker says so on the changelog: a
 crash before the notification re-reads it and groups it again (none lost), a record read again
-after its notification is not posted again. What is not durable: the groups' timers and which
-series are firing; after a restart a group waits group_wait again, and a series that was firing
-before and stays quiet gets no resolved notice.
+after its notification is not posted again. The series notified as firing are on the changelog
+too (`firing:`), so a series that goes quiet across a restart still gets its resolved notice. Not
+durable: the groups' timers (after a restart a new group waits group_wait again).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ from services.alerter.state import (
     MemoryStore,
     Posted,
     cooldown_entry,
+    firing_entry,
+    parse_firing,
     parse_partition,
     parse_sent,
     sent_entry,
@@ -214,6 +216,9 @@ class Alerter(Processor):
         for p, entries in loaded.items():
             self.posted[p], restored = parse_partition(entries)
             self.sent[p] = parse_sent(entries)
+            for channel, fingerprint, seen, labels in parse_firing(entries):
+                self.grouper.restore(channel, Alert(fingerprint, labels, labels.get("series", fingerprint),
+                                                    ref=(p, -1)), seen)
             cooldowns += len(restored)
             for key, event_time in restored.items():
                 # A key set from two partitions (rare: records of one key usually share a partition): the later time.
@@ -334,14 +339,22 @@ class Alerter(Processor):
                 self.stats["resolved"] += len(resolved)
                 for a in resolved:
                     self.forward_resolved(a)
-            self.mark_sent(group, firing)
+            self.mark_sent(group, firing, resolved)
             self.grouper.notified(group, firing, resolved)
             changed = True
         return changed
 
-    def mark_sent(self, group: Group, firing: list[Alert]) -> None:
-        """The group's notification has these records: durable, then they may be committed."""
+    def mark_sent(self, group: Group, firing: list[Alert], resolved: list[Alert]) -> None:
+        """The group's notification has these records: durable, then they may be committed. Its
+        series are firing (or resolved) on the changelog, for a resolved notice after a restart."""
         writes: dict[int, list] = defaultdict(list)
+        for alert in resolved:
+            if alert.ref is not None and alert.ref[0] in self.posted:
+                writes[alert.ref[0]].append(firing_entry(group.channel, alert.fingerprint))
+        for alert in {a.fingerprint: a for a in firing}.values():  # the last record of each series
+            if alert.ref[0] in self.posted and alert.fingerprint in group.firing and self.grouper.resolve_timeout > 0:
+                writes[alert.ref[0]].append(firing_entry(group.channel, alert.fingerprint,
+                                                         group.firing[alert.fingerprint], alert.labels))
         for alert in firing:
             p, offset = alert.ref
             if p not in self.posted:  # revoked meanwhile: its new owner reads it again

@@ -12,6 +12,9 @@
   more than one record past the committed offset may be posted; each says so itself. Written with
   the notification, before the commit moves past the record; deleted (tombstone) once the
   committed offset is past it.
+- `firing:["#ops", "metric:cpu-1"]` (grouping on): a series notified as firing to that channel,
+  `{"seen": <wall time of its last anomaly>, "labels": {...}}`, in the partition of its last
+  record; deleted when its resolved notice went out. Restored, it resolves after a restart too.
 
 Writes go through a producer of their own, idempotent with acks=all and never transactional, and
 are flushed at once: a marker must be durable before the commit, whatever the stream loop's own
@@ -31,6 +34,7 @@ from shared.kafka import DeliveryTracker, make_admin, make_producer
 POSTED = b"posted"
 COOLDOWN = b"cooldown:"
 SENT = b"sent:"
+FIRING = b"firing:"
 
 
 @dataclass
@@ -70,6 +74,24 @@ def sent_entry(offset: int, targets: list[str | None] | None) -> tuple[bytes, by
 def parse_sent(entries: dict[bytes, bytes]) -> dict[int, list[str | None]]:
     """offset -> targets notified, of one partition's restored entries."""
     return {int(k[len(SENT):]): list(json.loads(v)) for k, v in entries.items() if k.startswith(SENT) and v}
+
+
+def firing_entry(channel: str | None, fingerprint: str, seen: float | None = None,
+                 labels: dict | None = None) -> tuple[bytes, bytes | None]:
+    """A series firing at `channel` since its last anomaly at `seen` (None: resolved, a tombstone)."""
+    key = FIRING + json.dumps([channel, fingerprint]).encode()
+    return key, None if seen is None else json.dumps({"seen": seen, "labels": labels or {}}).encode()
+
+
+def parse_firing(entries: dict[bytes, bytes]) -> list[tuple[str | None, str, float, dict]]:
+    """(channel, fingerprint, seen, labels) of the series firing, of one partition's restored entries."""
+    out = []
+    for k, v in entries.items():
+        if k.startswith(FIRING) and v:
+            channel, fingerprint = json.loads(k[len(FIRING):])
+            data = json.loads(v)
+            out.append((channel, fingerprint, float(data["seen"]), dict(data.get("labels", {}))))
+    return out
 
 
 class ChangelogStore:

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from confluent_kafka import TopicPartition
 from helpers import FakeMsg
 from slack_server import VALID_TOKEN, SlackTestServer
 from test_alerter_slack import LoopedAlerter, closed_port, record, rule_payload
@@ -397,3 +398,44 @@ def test_a_chart_that_cannot_be_uploaded_does_not_hold_the_alert(server, tmp_pat
     assert a.handle(msg("cpu-1", 1, ts=T0 + 600))
     (png,) = server.files  # the ring holds both points of cpu-1; the chart goes under the second message
     assert png["thread_ts"] == server.message_ts[1] and len(a.recent.of("cpu-1")) == 2
+
+
+def test_a_series_firing_before_a_restart_is_resolved_after_it(server, tmp_path):
+    store, clock = MemoryStore(), Clock()
+    settings = dict(home=tmp_path, slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url, alert_chart_points=0)
+    a = make(store, clock, **settings)
+    a.handle(msg("cpu-1", 0))
+    seen = clock.t
+    clock.t += 30
+    tick(a)
+    firing = {k: json.loads(v) for k, v in store.partitions[0].items() if k.startswith(b"firing:")}
+    assert firing == {b'firing:["#alerts", "metric:cpu-1"]': {
+        "seen": seen, "labels": {"series": "cpu-1", "kind": "metric", "definition": "ec2_cpu"}}}
+    clock.t += 100
+    b = make(store, clock, **settings)  # restarted: cpu-1 is not read again (committed), yet still firing
+    b.processor.on_assign([TopicPartition("anomalies", 0)])
+    clock.t = seen + 599
+    tick(b)
+    assert len(server.messages) == 1  # not quiet for resolve_timeout yet, counted from its anomaly
+    clock.t = seen + 600 + 30  # resolved; a group restored after a restart waits group_wait
+    tick(b)
+    assert server.messages[1]["text"] == (":white_check_mark: [RESOLVED:1] kind=metric definition=ec2_cpu\n"
+                                          "Resolved (no anomaly for 600 s):\n• cpu-1")
+    assert not any(k.startswith(b"firing:") for k in store.partitions[0])  # deleted with the notice
+    c = make(store, clock, **settings)
+    c.processor.on_assign([TopicPartition("anomalies", 0)])
+    clock.t += 3600
+    tick(c)
+    assert len(server.messages) == 2  # resolved once
+
+
+def test_without_a_resolve_timeout_no_firing_state_is_kept(server, tmp_path):
+    store, clock = MemoryStore(), Clock()
+    a = make(store, clock, home=tmp_path, slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url,
+             alert_chart_points=0, alert_resolve_timeout_s=0)
+    a.handle(msg("cpu-1", 0))
+    clock.t += 30
+    tick(a)
+    clock.t += 10 ** 6
+    tick(a)
+    assert len(server.messages) == 1 and not any(k.startswith(b"firing:") for k in store.partitions[0])
