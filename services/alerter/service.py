@@ -252,13 +252,12 @@ class Alerter(Processor):
         posted.done.append(target)
         self.store.save(p, [(POSTED, posted.encode())])
 
-    def fault_pause(self, msg) -> None:
+    def fault_pause(self, **where) -> None:
         """For tests only (fault_pause_after_post_s): wait between a post's durable marker and its commit."""
         pause = self.settings.fault_pause_after_post_s
         if pause <= 0:
             return
-        self.log.warning("fault injection: paused after a post, before its commit", partition=msg.partition(),
-                         offset=msg.offset(), pause_s=pause)
+        self.log.warning("fault injection: paused after a post, before its commit", **where, pause_s=pause)
         until = time.monotonic() + pause
         while time.monotonic() < until and not self.stopping:
             time.sleep(0.05)
@@ -340,6 +339,8 @@ class Alerter(Processor):
                 for a in resolved:
                     self.forward_resolved(a)
             self.mark_sent(group, firing, resolved)
+            if firing:
+                self.fault_pause(group=group.describe(), records=len(firing))
             self.grouper.notified(group, firing, resolved)
             changed = True
         return changed
@@ -488,7 +489,7 @@ class Alerter(Processor):
                 self.stats["left_to_new_owner"] += 1
                 return Outcome(True)
             if p in self.posted and self.posted[p].offset == offset:
-                self.fault_pause(msg)
+                self.fault_pause(partition=msg.partition(), offset=msg.offset())
             if refused:  # kept, with the reason, where an operator looks for what was not delivered
                 dead_letter = f"slack refused the alert for good: {'; '.join(refused)}"
                 self.log.error("alert not deliverable", reason=dead_letter, series=rec.series)
