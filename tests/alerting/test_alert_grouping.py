@@ -439,3 +439,34 @@ def test_without_a_resolve_timeout_no_firing_state_is_kept(server, tmp_path):
     clock.t += 10 ** 6
     tick(a)
     assert len(server.messages) == 1 and not any(k.startswith(b"firing:") for k in store.partitions[0])
+
+
+def test_a_rule_firing_for_two_channels_is_held_until_both_groups_notified_it(tmp_path, monkeypatch):
+    store, clock = MemoryStore(), Clock()
+    with SlackTestServer() as server:
+        settings = dict(home=tmp_path, slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url)
+        a = make(store, clock, **settings)
+        real_post = a.slack.post
+
+        def post(text, blocks, channel=None):
+            if channel == "#b":
+                a.stopping = True  # Slack fails for #b and the service is told to stop meanwhile
+                raise RuntimeError("slack is down")
+            return real_post(text, blocks, channel)
+
+        monkeypatch.setattr(a.slack, "post", post)
+        monkeypatch.setattr("services.alerter.service.time.sleep", lambda s: None)
+        rule = FakeMsg(rule_payload(channels=["#a", "#b"]), topic="anomalies", offset=0)
+        assert not a.handle(rule)
+        clock.t += 30
+        tick(a)
+        assert [m["channel"] for m in server.messages] == ["#a"]
+        assert json.loads(store.partitions[0][b"sent:0"]) == ["#a"] and committed(a).get(0, 0) == 0
+        monkeypatch.undo()
+        b = make(store, clock, **settings)  # started again: read again, only #b's group still owes it
+        assert not b.handle(rule)
+        clock.t += 30
+        tick(b)
+        assert [m["channel"] for m in server.messages] == ["#a", "#b"]
+        assert json.loads(store.partitions[0][b"sent:0"]) == ["#a", "#b"] and committed(b) == {0: 1}
+        assert server.messages[1]["text"].startswith(":rotating_light: Rule cpu-high fired")  # alone: its own text
