@@ -75,6 +75,12 @@ class Grouper:
         group = self.add(channel, alert, pending=False)
         group.firing[alert.fingerprint] = min(group.firing[alert.fingerprint], seen)
 
+    def touch(self, channel: str | None, labels: dict[str, str], fingerprint: str) -> None:
+        """A silenced anomaly of a series: not news, but the series is not quiet either."""
+        group = self.groups.get(self.key(channel, labels))
+        if group is not None and fingerprint in group.firing:
+            group.firing[fingerprint] = self.clock()
+
     def due(self) -> list[Group]:
         """The groups whose notification is due now (resolving the series that went quiet first)."""
         now = self.clock()

@@ -451,6 +451,9 @@ class Alerter(Processor):
             self.silenced[silence.id] += 1
             self.stats["silenced"] += 1
             self.log.info("alert silenced", series=rec.series, kind=labels["kind"], silence=silence.id)
+            if self.grouping:  # muted, yet still anomalous: a series already firing is not resolved meanwhile
+                for target in self.slack.targets(self.router.channels(labels, channels)):
+                    self.grouper.touch(target, labels, f"{labels['kind']}:{rec.series}")
             return Outcome(True)
         if channels and self.slack.webhook is not None and rec.definition not in self.webhook_warned:
             self.webhook_warned.add(rec.definition)  # once per definition, not per firing

@@ -470,3 +470,23 @@ def test_a_rule_firing_for_two_channels_is_held_until_both_groups_notified_it(tm
         assert [m["channel"] for m in server.messages] == ["#a", "#b"]
         assert json.loads(store.partitions[0][b"sent:0"]) == ["#a", "#b"] and committed(b) == {0: 1}
         assert server.messages[1]["text"].startswith(":rotating_light: Rule cpu-high fired")  # alone: its own text
+
+
+def test_a_firing_series_silenced_is_not_resolved_while_its_anomalies_go_on(server, tmp_path):
+    clock = Clock()
+    path = tmp_path / "silences.yaml"
+    a = make(clock=clock, home=tmp_path, slack_bot_token=VALID_TOKEN, slack_base_url=server.base_url,
+             alert_silences_file=path, alert_chart_points=0)
+    a.handle(msg("cpu-1", 0))
+    clock.t += 30
+    tick(a)
+    write_silences(path, [Silence("s", ["series=cpu-1"], clock.t, clock.t + 86400)])
+    a.processor.refresh()
+    for i in range(1, 5):  # an anomaly every 5 minutes, silenced, for 20 minutes
+        clock.t += 300
+        a.handle(msg("cpu-1", i))
+        tick(a)
+    assert len(server.messages) == 1 and a.stats["silenced"] == 4  # no resolved notice meanwhile
+    clock.t += 600  # then quiet for the resolve timeout
+    tick(a)
+    assert server.messages[1]["text"].startswith(":white_check_mark: [RESOLVED:1]")
