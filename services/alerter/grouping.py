@@ -6,13 +6,19 @@ after a notification, the next one of that group comes at most every `group_inte
 when something changed (new alerts, or series resolved). A series of a group resolves when no
 anomaly of it came for `resolve_timeout` (Alertmanager's resolve_timeout: an alert that stops
 firing); its resolved notice goes out with the group's next notification. A group with nothing
-firing and nothing left to say is forgotten.
+firing and nothing left to say is forgotten (without resolve_timeout: once its group_interval is
+over, as nothing would ever resolve).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+# A group holding this many new alerts is notified at once, whatever its timers: each one is held
+# in memory (and its record uncommitted) until then, and a backlog read at full speed must not pile
+# up without bound.
+MAX_PENDING = 1000
 
 
 @dataclass
@@ -92,10 +98,16 @@ class Grouper:
                     del group.firing[fp]
                     group.resolved.append(group.last.pop(fp))
             if not (group.pending or group.resolved):
-                if not group.firing:
+                # Nothing to say: forgotten when nothing fires, or (no resolved notices) once its
+                # group_interval is over, so that groups do not pile up.
+                idle = self.resolve_timeout <= 0 and (group.last_notified is None
+                                                      or now - group.last_notified >= self.group_interval)
+                if not group.firing or idle:
                     del self.groups[group.key]
                 continue
-            if group.last_notified is None:
+            if len(group.pending) >= MAX_PENDING:
+                ready.append(group)
+            elif group.last_notified is None:
                 if now - group.created >= self.group_wait:
                     ready.append(group)
             elif now - group.last_notified >= self.group_interval:

@@ -490,3 +490,29 @@ def test_a_firing_series_silenced_is_not_resolved_while_its_anomalies_go_on(serv
     clock.t += 600  # then quiet for the resolve timeout
     tick(a)
     assert server.messages[1]["text"].startswith(":white_check_mark: [RESOLVED:1]")
+
+
+def test_without_a_resolve_timeout_a_quiet_group_is_forgotten_after_its_interval():
+    clock = Clock(0)
+    g = Grouper(["series"], group_wait=0, group_interval=60, resolve_timeout=0, clock=clock)
+    for i in range(1000):
+        g.add(None, alert(f"cpu-{i}"))
+    for grp in g.due():
+        g.notified(grp, list(grp.pending), [])
+    g.add(None, alert("cpu-1"))
+    clock.t = 59
+    assert g.due() == [] and len(g.groups) == 1000  # group_interval still holds cpu-1's next notification
+    clock.t = 60
+    assert [grp.key for grp in g.due()] == [(None, "cpu-1")] and len(g.groups) == 1  # the quiet ones are gone
+
+
+def test_a_group_with_too_many_new_alerts_is_notified_at_once(monkeypatch):
+    monkeypatch.setattr("services.alerter.grouping.MAX_PENDING", 5)
+    clock = Clock(0)
+    g = Grouper(["kind"], group_wait=30, group_interval=300, resolve_timeout=600, clock=clock)
+    for i in range(4):
+        g.add(None, alert(f"cpu-{i}"))
+    assert g.due() == []
+    g.add(None, alert("cpu-4"))
+    (grp,) = g.due()  # before group_wait: five held is the most
+    assert len(grp.pending) == 5
