@@ -83,6 +83,9 @@ from shared.records.rules import RuleFiringRecord
 from shared.stream import Processor, Result, StreamLoop
 
 KEEP_ALIVE_EVERY_S = 5.0  # well inside any max.poll.interval.ms
+# Grouping: the groups are looked over for a due notification at most this often (not after every
+# record: a backlog of anomalies over many groups would pay for every group each time).
+FLUSH_EVERY_S = 0.2
 
 
 # deliver(): the partition was revoked during the retries (compared by identity).
@@ -118,6 +121,7 @@ class Alerter(Processor):
                                settings.alert_resolve_timeout_s, clock)
         self.sent: dict[int, dict[int, list]] = {}  # grouping: partition -> offset -> targets notified
         self.held: dict[tuple[int, int], set[tuple]] = {}  # grouping: (partition, offset) -> groups yet to notify
+        self.flushed_at = float("-inf")  # time.monotonic() of the last look for due group notifications
         self.recent = Recent(settings.alert_chart_points if self.slack.web is not None else 0)
         self.responses: dict = {}  # target -> Slack's answer to the last post there (channel id, ts)
         self.silenced = Counter()  # silence id -> anomalies it kept from Slack
@@ -271,7 +275,8 @@ class Alerter(Processor):
                 break
             if outcome.dead_letter:
                 result.dead_letters.append((msg, outcome.dead_letter))
-        if self.grouping and result.handled is None:
+        if self.grouping and result.handled is None and time.monotonic() - self.flushed_at >= FLUSH_EVERY_S:
+            self.flushed_at = time.monotonic()
             result.state_changed |= self.flush(result)
         return result
 

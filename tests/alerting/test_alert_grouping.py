@@ -128,6 +128,7 @@ def msg(series: str, offset: int, partition: int = 0, **kw) -> FakeMsg:
 
 
 def tick(a: LoopedAlerter) -> None:
+    a.processor.flushed_at = float("-inf")  # the groups are looked over at most every FLUSH_EVERY_S of real time
     a.loop.handle([], 0.0)  # what the stream loop does when no message came (ticks_when_idle)
 
 
