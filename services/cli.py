@@ -18,6 +18,7 @@ COMMANDS = {
     "logdetect": ("services.logdetector.service:command",
                   "run the log detector (raw lines of `logs` -> anomalous sessions)"),
     "alert": ("services.alerter.service:command", "post anomalies to Slack"),
+    "silence": ("services.alerter.silences:command", "silence add|list|expire: keep matching anomalies off Slack"),
     "rules": ("services.rules.service:command", "run the detector definitions (rules/*.yaml)"),
     "scrape": ("services.scraper.service:command",
                "publish a broker's metrics (JMX exporter) as rates to kafka_metrics"),

@@ -186,6 +186,20 @@ class Settings(BaseSettings):
     slack_base_url: str | None = None  # e.g. a proxy, or the local Slack test server
     slack_timeout_s: float = Field(10.0, gt=0)
     alert_cooldown_s: float = Field(300.0, ge=0)
+    # --- Alertmanager-like alerting (services.alerter; README "Grouping, silences, routes"): kept together.
+    # Grouping (off: each anomaly is posted at once, with the cooldown above): per channel and group_by labels.
+    alert_grouping: bool = False
+    alert_group_by: list[str] = ["kind", "definition"]  # labels: series, kind, definition, severity, ...
+    alert_group_wait_s: float = Field(30.0, ge=0)  # a new group's first notification waits this long
+    alert_group_interval_s: float = Field(300.0, ge=0)  # then at most one notification per group this often
+    alert_resolve_timeout_s: float = Field(300.0, ge=0)  # no anomaly of a series this long: resolved (0: never)
+    alert_group_max_listed: int = Field(10, ge=1)  # series listed in one message, then "and N more"
+    # [{"match": {"kind": "rule"}, "matchers": ["series=~\"db-.*\""], "channel": "#db"}]: first match wins.
+    alert_routes: list[dict] = []
+    alert_silences_file: Path | None = None  # YAML or JSON; default <home>/silences.yaml
+    alert_chart_points: int = Field(60, ge=0)  # recent points per series in a message's PNG (bot token); 0: none
+    alertmanager_url: str | None = None  # also POST every alert to <url>/api/v2/alerts
+    # --- end of Alertmanager-like alerting
 
     # --- State changelogs and the alerter's once-only posting (shared.changelog; added together).
     # A service's per-key state on a compacted topic "<state_topic_prefix>-<service>-<input topic>",

@@ -1,5 +1,7 @@
-"""A local HTTP server that speaks the Slack Web API's wire format for chat.postMessage and an
-incoming webhook, so tests can point slack-sdk at it and assert on what it received."""
+"""A local HTTP server that speaks the Slack Web API's wire format for chat.postMessage, an
+incoming webhook and files_upload_v2's three steps (files.getUploadURLExternal, the upload to the
+URL it gave, files.completeUploadExternal), so tests can point slack-sdk at it and assert on what
+it received."""
 
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ class SlackTestServer:
         self.fail_5xx_first = fail_5xx_first  # then this many with 503
         self.requests: list[dict] = []  # every request: time, path, status answered
         self.messages: list[dict] = []  # accepted chat.postMessage / webhook payloads
+        self.message_ts: list[str] = []  # the ts answered for each accepted chat.postMessage
+        self.uploads: dict[str, dict] = {}  # file id -> {"filename", "length", "data", then "channel_id", ...}
+        self.files: list[dict] = []  # completed uploads (files.completeUploadExternal), in order
         self.lock = threading.Lock()
         server = self
 
@@ -31,6 +36,13 @@ class SlackTestServer:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
+                if self.path.startswith("/upload/"):  # files_upload_v2's step 2: the file's bytes
+                    ok = server.receive_upload(self.path[len("/upload/"):], raw)
+                    self.send_response(200 if ok else 404)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"OK")
+                    return
                 if "json" in (self.headers.get("Content-Type") or ""):
                     body = json.loads(raw or b"{}")
                 else:
@@ -72,16 +84,46 @@ class SlackTestServer:
             if path.startswith("/services/"):  # incoming webhook: plain "ok"
                 self.messages.append(body)
                 return 200, {}, b"ok"
-            if path != "/api/chat.postMessage":
+            if path not in ("/api/chat.postMessage", "/api/files.getUploadURLExternal",
+                            "/api/files.completeUploadExternal"):
                 return 200, {}, {"ok": False, "error": "unknown_method"}
             if headers.get("Authorization") != f"Bearer {VALID_TOKEN}":
                 return 200, {}, {"ok": False, "error": "invalid_auth"}
+            if path == "/api/files.getUploadURLExternal":
+                if not body.get("filename") or not str(body.get("length", "")).isdigit():
+                    return 200, {}, {"ok": False, "error": "invalid_arguments"}
+                file_id = f"F{len(self.uploads) + 1:06d}"
+                self.uploads[file_id] = {"filename": body["filename"], "length": int(body["length"]), "data": None}
+                return 200, {}, {"ok": True, "file_id": file_id,
+                                 "upload_url": f"http://127.0.0.1:{self.httpd.server_port}/upload/{file_id}"}
+            if path == "/api/files.completeUploadExternal":
+                files = json.loads(body.get("files") or "[]") if isinstance(body.get("files"), str) else body["files"]
+                if not files or any(self.uploads.get(f.get("id"), {}).get("data") is None for f in files):
+                    return 200, {}, {"ok": False, "error": "file_not_found"}  # never uploaded
+                if body.get("channel_id") and body["channel_id"] != "C0TEST":
+                    return 200, {}, {"ok": False, "error": "channel_not_found"}  # a name, not an id
+                done = []
+                for f in files:
+                    upload = self.uploads[f["id"]] | {"title": f.get("title"), "channel_id": body.get("channel_id"),
+                                                      "thread_ts": body.get("thread_ts")}
+                    self.files.append(upload)
+                    done.append({"id": f["id"], "name": upload["filename"], "title": f.get("title")})
+                return 200, {}, {"ok": True, "files": done}
             if not body.get("channel") or body["channel"] in self.missing_channels:
                 return 200, {}, {"ok": False, "error": "channel_not_found"}
             self.messages.append(body)
             ts = f"{time.time():.6f}"
+            self.message_ts.append(ts)
             return 200, {}, {"ok": True, "channel": "C0TEST", "ts": ts,
                              "message": {"type": "message", "text": body.get("text", ""), "ts": ts}}
+
+    def receive_upload(self, file_id: str, data: bytes) -> bool:
+        with self.lock:
+            upload = self.uploads.get(file_id)
+            if upload is None:
+                return False
+            upload["data"] = data
+            return True
 
     def __enter__(self) -> "SlackTestServer":
         self.thread.start()

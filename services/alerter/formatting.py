@@ -155,3 +155,38 @@ def format_log_alert(rec: LogSessionRecord) -> tuple[str, list[dict]]:
         f"next-event model {rec.model_version} · k={rec.k} · {rec.session_events} events so far · "
         f"{rec.source_topic}[{rec.source_partition}]@{rec.source_offset}"}]})
     return text, blocks
+
+
+def format_group(describe: str, firing: list, resolved: list, max_listed: int,
+                 resolve_timeout_s: float) -> tuple[str, list[dict]]:
+    """One message for a group's notification (Alertmanager's "[FIRING:3]"): its new alerts, one line
+    per series (the latest, with how many came), and the series resolved; at most `max_listed` lines
+    each, then how many more. A lone new alert keeps its own full message."""
+    if len(firing) == 1 and not resolved and firing[0].text:
+        return firing[0].text, firing[0].blocks
+    latest: dict[str, list] = {}
+    for alert in firing:
+        latest.setdefault(alert.fingerprint, []).append(alert)
+    counts = ([f"FIRING:{len(latest)}"] if latest else []) + ([f"RESOLVED:{len(resolved)}"] if resolved else [])
+    icon = ":rotating_light:" if latest else ":white_check_mark:"
+    title = f"[{', '.join(counts)}] {describe}"
+
+    def listing(lines: list[str]) -> str:
+        shown = lines[:max_listed]
+        more = len(lines) - len(shown)
+        return "\n".join(shown + ([f"… and {more} more"] if more else []))
+
+    firing_lines = [f"• {alerts[-1].summary}" + (f" (×{len(alerts)})" if len(alerts) > 1 else "")
+                    for alerts in latest.values()]
+    resolved_lines = [f"• {a.labels.get('series', a.fingerprint)}" for a in resolved]
+    parts = [f"{icon} {title}"]
+    blocks: list[dict] = [{"type": "header", "text": {"type": "plain_text", "text": title[:150]}}]
+    if firing_lines:
+        parts.append(listing(firing_lines))
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Firing*\n{listing(firing_lines)}"[:3000]}})
+    if resolved_lines:
+        quiet = f"no anomaly for {resolve_timeout_s:g} s"
+        parts.append(f"Resolved ({quiet}):\n{listing(resolved_lines)}")
+        blocks.append({"type": "section", "text": {"type": "mrkdwn",
+                                                   "text": f"*Resolved* ({quiet})\n{listing(resolved_lines)}"[:3000]}})
+    return "\n".join(parts)[:3900], blocks

@@ -64,11 +64,19 @@ class SlackNotifier:
             return [None]
         return list(dict.fromkeys(channels)) or [self.channel]
 
-    def post(self, text: str, blocks: list[dict], channel: str | None = None) -> None:
-        """Returns once Slack accepted the message; raises otherwise."""
+    def post(self, text: str, blocks: list[dict], channel: str | None = None):
+        """Returns once Slack accepted the message (a bot token: Slack's answer, with the channel's id
+        and the message's ts); raises otherwise."""
         if self.web is not None:
-            self.web.chat_postMessage(channel=channel or self.channel, text=text, blocks=blocks)  # raises SlackApiError
+            # raises SlackApiError
+            return self.web.chat_postMessage(channel=channel or self.channel, text=text, blocks=blocks)
         else:
             resp = self.webhook.send(text=text, blocks=blocks)
             if resp.status_code != 200:
                 raise RuntimeError(f"webhook answered {resp.status_code}: {resp.body[:200]}")
+
+    def upload_png(self, png: bytes, channel_id: str, thread_ts: str, title: str) -> None:
+        """A PNG in the thread of a message (files_upload_v2: files.getUploadURLExternal, the upload,
+        files.completeUploadExternal). Bot token only."""
+        self.web.files_upload_v2(channel=channel_id, thread_ts=thread_ts, file=png, filename="recent.png",
+                                 title=title or "recent points")

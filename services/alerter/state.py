@@ -7,6 +7,14 @@
   read again after a crash is not posted again.
 - `cooldown:<key>`: the event time (seconds) of the last alert of that cooldown key, in the
   partition of the record that set it.
+- `sent:<offset>` (grouping on): the targets (channels) whose group notification listed that record
+  of the partition: `["#ops"]`. Grouped records are held back from the commit until notified, so
+  more than one record past the committed offset may be posted; each says so itself. Written with
+  the notification, before the commit moves past the record; deleted (tombstone) once the
+  committed offset is past it.
+- `firing:["#ops", "metric:cpu-1"]` (grouping on): a series notified as firing to that channel,
+  `{"seen": <wall time of its last anomaly>, "labels": {...}}`, in the partition of its last
+  record; deleted when its resolved notice went out. Restored, it resolves after a restart too.
 
 Writes go through a producer of their own, idempotent with acks=all and never transactional, and
 are flushed at once: a marker must be durable before the commit, whatever the stream loop's own
@@ -25,6 +33,8 @@ from shared.kafka import DeliveryTracker, make_admin, make_producer
 
 POSTED = b"posted"
 COOLDOWN = b"cooldown:"
+SENT = b"sent:"
+FIRING = b"firing:"
 
 
 @dataclass
@@ -54,6 +64,34 @@ def parse_partition(entries: dict[bytes, bytes]) -> tuple[Posted, dict[str, floa
     cooldowns = {k[len(COOLDOWN):].decode(errors="replace"): float(v) for k, v in entries.items()
                  if k.startswith(COOLDOWN)}
     return Posted.decode(entries.get(POSTED)), cooldowns
+
+
+def sent_entry(offset: int, targets: list[str | None] | None) -> tuple[bytes, bytes | None]:
+    """The targets that have a record's group notification (None: a tombstone)."""
+    return SENT + str(offset).encode(), None if targets is None else json.dumps(targets).encode()
+
+
+def parse_sent(entries: dict[bytes, bytes]) -> dict[int, list[str | None]]:
+    """offset -> targets notified, of one partition's restored entries."""
+    return {int(k[len(SENT):]): list(json.loads(v)) for k, v in entries.items() if k.startswith(SENT) and v}
+
+
+def firing_entry(channel: str | None, fingerprint: str, seen: float | None = None,
+                 labels: dict | None = None) -> tuple[bytes, bytes | None]:
+    """A series firing at `channel` since its last anomaly at `seen` (None: resolved, a tombstone)."""
+    key = FIRING + json.dumps([channel, fingerprint]).encode()
+    return key, None if seen is None else json.dumps({"seen": seen, "labels": labels or {}}).encode()
+
+
+def parse_firing(entries: dict[bytes, bytes]) -> list[tuple[str | None, str, float, dict]]:
+    """(channel, fingerprint, seen, labels) of the series firing, of one partition's restored entries."""
+    out = []
+    for k, v in entries.items():
+        if k.startswith(FIRING) and v:
+            channel, fingerprint = json.loads(k[len(FIRING):])
+            data = json.loads(v)
+            out.append((channel, fingerprint, float(data["seen"]), dict(data.get("labels", {}))))
+    return out
 
 
 class ChangelogStore:
