@@ -187,8 +187,9 @@ class Settings(BaseSettings):
     slack_timeout_s: float = Field(10.0, gt=0)
     alert_cooldown_s: float = Field(300.0, ge=0)
     # --- Alertmanager-like alerting (services.alerter; README "Grouping, silences, routes"): kept together.
-    # Grouping (off: each anomaly is posted at once, with the cooldown above): per channel and group_by labels.
-    alert_grouping: bool = False
+    # Grouping, on by default as in Alertmanager (off: each anomaly is posted at once, with the cooldown
+    # above): per channel and group_by labels.
+    alert_grouping: bool = True
     alert_group_by: list[str] = ["kind", "definition"]  # labels: series, kind, definition, severity, ...
     alert_group_wait_s: float = Field(30.0, ge=0)  # a new group's first notification waits this long
     alert_group_interval_s: float = Field(300.0, ge=0)  # then at most one notification per group this often

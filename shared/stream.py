@@ -44,6 +44,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from shared.config import Settings
@@ -84,7 +85,7 @@ from shared.telemetry import (
 )
 
 PROGRESS_EVERY_S = 10.0
-LAG_EVERY_S = 5.0  # how often the consumer lag metric is updated
+LAG_EVERY_S = 5.0  # how often the consumer lag metric is updated (librdkafka's statistics interval)
 # Under a backlog (the last batch was full) a checkpoint waits at least this long: each one writes
 # every changed series' state and (exactly-once) commits a transaction, and behind a backlog the
 # latency a shorter interval buys is lost anyway; the state written per message falls with it.
@@ -319,7 +320,8 @@ class StreamLoop:
         self.processor = processor
         self.log = log
         # A static member (shared.kafka.group_instance_id): a restart takes its partitions back at once.
-        self.consumer = make_consumer(settings, group, instance_id)
+        self.consumer = make_consumer(settings, group, instance_id, **{
+            "statistics.interval.ms": int(LAG_EVERY_S * 1000), "stats_cb": self._on_stats})
         # exactly_once: a transactional producer; outputs, dead letters and the input offsets of a
         # batch are committed together (commit_transaction), the consumer commits nothing itself.
         self.exactly_once = settings.delivery == "exactly_once"
@@ -350,7 +352,6 @@ class StreamLoop:
         self._stopping = False
         self.heartbeat = Heartbeat()  # /healthz: the loop turns
         self.ready = False  # /readyz: subscribed and polling
-        self.last_lag = 0.0
         processor.attach(self)
 
     @property
@@ -432,24 +433,23 @@ class StreamLoop:
         for topic, n in by_topic.items():
             metric.labels(self.processor.name, topic).inc(n)
 
-    def update_lag(self) -> None:
-        """The consumer lag metric: each assigned partition's high watermark (as last fetched) less
-        the position."""
+    def _on_stats(self, stats_json: str) -> None:
+        """librdkafka's statistics (every LAG_EVERY_S, served by the consumer's poll) -> the lag metric
+        of each partition it fetches."""
         try:
-            assigned = self.consumer.assignment()
-            positions = self.consumer.position(assigned) if assigned else []
-        except KafkaException:  # the broker away for a moment: the next turn tries again
-            return
-        for tp in positions:
-            if tp.offset < 0:
-                continue  # nothing read from it yet
-            try:
-                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if high < 0:  # not known from a fetch yet: ask the broker (rarely, briefly)
-                    _low, high = self.consumer.get_watermark_offsets(tp, timeout=0.5)
-            except KafkaException:
-                continue
-            LAG.labels(self.processor.name, tp.topic, str(tp.partition)).set(max(high - tp.offset, 0))
+            stats = orjson.loads(stats_json)
+            for topic, t in stats.get("topics", {}).items():
+                for partition, p in t.get("partitions", {}).items():
+                    # The end a read_committed reader can reach (last stable offset) less the position
+                    # (librdkafka's own consumer_lag counts from the committed offset, which a
+                    # transaction commits without this consumer knowing).
+                    end, position = p.get("ls_offset", -1), p.get("app_offset", -1)
+                    if position < 0:  # nothing read since the assignment: from the group's commit
+                        position = p.get("committed_offset", -1)
+                    if partition != "-1" and p.get("fetch_state") == "active" and end >= 0 and position >= 0:
+                        LAG.labels(self.processor.name, topic, partition).set(max(end - position, 0))
+        except Exception:  # noqa: BLE001 - a metric must never stop the loop
+            pass
 
     def process_one_by_one(self, messages: list, now: float, note: bool = False) -> Result:
         """After a batch raised: each message on its own, so only the one that raises (a poison
@@ -768,9 +768,6 @@ class StreamLoop:
                     time.sleep(s.poll_timeout_s)
                 self.handle(msgs, time.monotonic())
                 self.heartbeat.beat()
-                if time.monotonic() - self.last_lag > LAG_EVERY_S:
-                    self.update_lag()
-                    self.last_lag = time.monotonic()
                 if time.monotonic() - last_report > PROGRESS_EVERY_S:
                     self.log.info("progress", **self.figures())
                     last_report = time.monotonic()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from shared.records.metrics import series_labels
+
 _MATCHER = re.compile(r'^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*$')
 KIND_LABELS = {"score": "metric"}  # a record's kind as a person names it
 
@@ -60,7 +62,8 @@ def match_all(matchers: list[Matcher], labels: dict[str, str]) -> bool:
 
 
 def alert_labels(rec) -> dict[str, str]:
-    """The labels an anomaly record is matched, routed and grouped by."""
+    """The labels an anomaly record is matched, routed and grouped by (a metric's include those of
+    its series identity, shared.records.metrics.series_labels)."""
     kind = KIND_LABELS.get(rec.kind, rec.kind)
     if rec.kind == "rule":
         definition = rec.definition
@@ -71,6 +74,10 @@ def alert_labels(rec) -> dict[str, str]:
     else:
         definition = "next-event"
     labels = {str(k): str(v) for k, v in (getattr(rec, "labels", None) or {}).items()}
+    if rec.kind == "score":  # a labelled series, cpu{host="a"}: its metric and labels are matchable too
+        metric, series_labels_ = series_labels(rec.series)
+        if series_labels_:
+            labels |= series_labels_ | {"metric": metric}
     severity = getattr(rec, "severity", None)
     if severity:
         labels["severity"] = str(severity)

@@ -81,6 +81,7 @@ from shared.records.kmeans import ClusterScoreRecord
 from shared.records.logs import LogSessionRecord
 from shared.records.rules import RuleFiringRecord
 from shared.stream import Processor, Result, StreamLoop
+from shared.telemetry import SLACK_POSTS
 
 KEEP_ALIVE_EVERY_S = 5.0  # well inside any max.poll.interval.ms
 # Grouping: the groups are looked over for a due notification at most this often (not after every
@@ -157,14 +158,17 @@ class Alerter(Processor):
                     return REVOKED
                 try:
                     self.responses[channel] = self.slack.post(text, blocks, channel)
+                    SLACK_POSTS.labels("posted").inc()
                     if on_posted is not None:
                         on_posted(channel)
                     break
                 except SlackApiError as exc:
                     error = exc.response.get("error") if exc.response is not None else None
                     if error in PERMANENT_CHANNEL_ERRORS:
+                        SLACK_POSTS.labels("refused").inc()
                         refused.append(f"{channel}: {error}")
                         break
+                    SLACK_POSTS.labels("failed").inc()
                     # A 429's Retry-After is a floor for the next try.
                     retry_after = float((exc.response.headers or {}).get("Retry-After", 0) or 0) \
                         if exc.response is not None else 0.0
@@ -173,6 +177,7 @@ class Alerter(Processor):
                     self.wait(max(delay, retry_after))
                     delay = min(delay * 2, 60)
                 except Exception as exc:  # slack-sdk's own retries are spent; keep the alert, wait, retry
+                    SLACK_POSTS.labels("failed").inc()
                     self.log.warning("slack post failed; will retry", error=str(exc), channel=channel,
                                      retry_in_s=delay)
                     self.wait(delay)

@@ -15,6 +15,7 @@ from slack_sdk.http_retry.builtin_interval_calculators import (
 from slack_sdk.webhook import WebhookClient
 
 from shared.config import Settings
+from shared.telemetry import SLACK_RETRIES
 
 
 class AnyServerErrorRetryHandler(RetryHandler):
@@ -25,15 +26,29 @@ class AnyServerErrorRetryHandler(RetryHandler):
         return response is not None and 500 <= response.status_code < 600
 
 
+def counted(handler: RetryHandler) -> RetryHandler:
+    """The handler, with each retry it allows counted (anomstream_slack_retries_total)."""
+    can_retry = handler._can_retry
+
+    def _can_retry(**kwargs) -> bool:
+        allowed = can_retry(**kwargs)
+        if allowed:
+            SLACK_RETRIES.inc()
+        return allowed
+
+    handler._can_retry = _can_retry
+    return handler
+
+
 def retry_handlers() -> list[RetryHandler]:
     """A few quick retries inside one post (a blip); a longer outage is waited out by the alerter,
     which keeps its consumer-group membership alive meanwhile (slack-sdk's sleeps cannot)."""
     backoff = BackoffRetryIntervalCalculator(backoff_factor=0.5)
-    return [
+    return [counted(h) for h in (
         RateLimitErrorRetryHandler(max_retry_count=1),
         AnyServerErrorRetryHandler(max_retry_count=2, interval_calculator=backoff),
         ConnectionErrorRetryHandler(max_retry_count=2, interval_calculator=backoff),
-    ]
+    )]
 
 
 # Slack answers that no retry can fix for that channel.

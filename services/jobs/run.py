@@ -256,7 +256,10 @@ def command(epochs: int, n_transactions: int, timeout: float, scenario_rows: int
         with open(log_dir / "alerter.log", "ab") as alerter_log:
             procs["alerter"] = subprocess.Popen([sys.executable, "-m", "services.alerter"],
                                                 env=env | {"ANOMSTREAM_LOG_FORMAT": "console",
-                                                           "ANOMSTREAM_HTTP_PORT": str(ports["alerter"])},
+                                                           "ANOMSTREAM_HTTP_PORT": str(ports["alerter"]),
+                                                           # a demo's pace: groups notified within seconds
+                                                           "ANOMSTREAM_ALERT_GROUP_WAIT_S": "2",
+                                                           "ANOMSTREAM_ALERT_GROUP_INTERVAL_S": "10"},
                                                 stdout=alerter_log,
                                                 stderr=subprocess.STDOUT)
         log.info("detector, log detector, rules and alerter started", detector_log=str(log_dir / "detector.log"),

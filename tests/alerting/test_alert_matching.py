@@ -74,6 +74,11 @@ def test_labels_of_each_kind():
              "detected_at": "2024-05-06T07:08:10Z"}
     assert alert_labels(anomaly_record_adapter.validate_python(score)) == {
         "series": "cpu-1", "kind": "metric", "definition": "ec2_cpu"}
+    # A labelled series (issue 17): its labels route and silence like Alertmanager's.
+    labelled = alert_labels(anomaly_record_adapter.validate_python(score | {"series": 'cpu{host="a",region="eu"}'}))
+    assert labelled == {"series": 'cpu{host="a",region="eu"}', "kind": "metric", "definition": "ec2_cpu",
+                        "metric": "cpu", "host": "a", "region": "eu"}
+    assert Router([{"match": {"region": "eu"}, "channel": "#eu"}], "#alerts").channel(labelled) == "#eu"
 
 
 class Clock:

@@ -26,7 +26,8 @@ def anomaly(series: str) -> bytes:
 
 
 def test_a_killed_alerter_started_again_resumes_well_within_the_session_timeout(pipeline_settings, services):
-    overrides = pipeline_settings | {"alert_cooldown_s": 0}  # no Slack: each alert is logged
+    # No Slack, no grouping (tests/alerting/test_alert_grouping_kafka.py): each alert is logged.
+    overrides = pipeline_settings | {"alert_cooldown_s": 0, "alert_grouping": False}
     settings = as_settings(overrides)
     ensure_topics(settings)
     producer = make_producer(settings)

@@ -60,7 +60,7 @@ class Anomalies:
 def test_killed_between_each_post_and_its_commit_every_anomaly_reaches_slack_exactly_once(pipeline_settings,
                                                                                           services):
     with SlackTestServer() as server:
-        overrides = pipeline_settings | {"alert_cooldown_s": 0, "slack_bot_token": VALID_TOKEN,
+        overrides = pipeline_settings | {"alert_cooldown_s": 0, "alert_grouping": False, "slack_bot_token": VALID_TOKEN,
                                          "slack_base_url": server.base_url}
         topic = Anomalies(overrides)
         series = [f"cpu-{i}" for i in range(8)]
@@ -97,7 +97,7 @@ def test_killed_between_each_post_and_its_commit_every_anomaly_reaches_slack_exa
 @pytest.mark.parametrize("how", ["stopped", "killed after the post"])
 def test_the_cooldown_outlives_a_restart(pipeline_settings, services, how):
     with SlackTestServer() as server:
-        overrides = pipeline_settings | {"alert_cooldown_s": 3600, "slack_bot_token": VALID_TOKEN,
+        overrides = pipeline_settings | {"alert_cooldown_s": 3600, "alert_grouping": False, "slack_bot_token": VALID_TOKEN,
                                          "slack_base_url": server.base_url}
         topic = Anomalies(overrides)
         end = topic.send(("cpu-a", T0))

@@ -152,8 +152,9 @@ class LoopedAlerter:
 @pytest.fixture
 def make_alerter():
     def make(store: MemoryStore | None = None, **overrides) -> LoopedAlerter:
+        # One post per anomaly (the cooldown's mode); grouping has tests of its own (test_alert_grouping.py).
         return LoopedAlerter(Settings(bootstrap_servers=f"127.0.0.1:{closed_port()}", home=tempfile.mkdtemp(),
-                                      **overrides), store)
+                                      **({"alert_grouping": False} | overrides)), store)
 
     yield make
 

@@ -102,24 +102,42 @@ def test_the_detector_serves_its_workers_figures_added_up(pipeline_settings, ser
     assert total(found, "anomstream_batch_seconds_count", service="detector") >= 1
     assert total(found, "anomstream_ready", service="detector") == 2
     assert total(found, "anomstream_state_restore_seconds_count", service="detector") >= 2  # each worker's assignment
-    wait_until(lambda: any(n == "anomstream_consumer_lag_messages" and dict(ls).get("topic") == settings.topic_input
-                           for n, ls in samples(port)), 60, "the lag gauge", [detector])
+    def lags() -> dict:
+        return {ls: v for (n, ls), v in samples(port).items() if n == "anomstream_consumer_lag_messages"}
+
+    # Every input read: the partitions that had any show a lag of 0 (whichever worker holds them now).
+    wait_until(lambda: any(dict(ls).get("topic") == settings.topic_input for ls in lags()), 60,
+               "the lag gauge", [detector])
+    assert all(v == 0 for ls, v in lags().items() if dict(ls).get("topic") == settings.topic_input), lags()
     assert detector.stop() == 0
 
 
 @pytest.mark.kafka
 def test_a_single_process_service_serves_its_own_figures(pipeline_settings, services):
+    """The alerter: its dead letter, and its Slack posts and retries (the test server answers 429
+    first), counted in its own /metrics."""
+    from alerting.test_alerter_kafka import anomaly
+    from slack_server import VALID_TOKEN, SlackTestServer
+
     port = free_port()
-    overrides = pipeline_settings | {"http_port": port}
-    settings = as_settings(overrides)
-    ensure_topics(settings)
-    alerter = services("alerter", overrides)
-    wait_until(lambda: get(port, "/readyz")[0] == 200, 60, "/readyz", [alerter])
-    producer = make_producer(settings)
-    producer.produce(settings.topic_anomalies, b"not an anomaly record")
-    assert producer.flush(30) == 0
-    wait_until(lambda: total(samples(port), "anomstream_dead_lettered_messages_total", service="alerter") == 1, 60,
-               "the alerter's dead letter counted", [alerter])
-    assert total(samples(port), "anomstream_consumed_messages_total", service="alerter") == 1
-    assert alerter.stop() == 0
+    with SlackTestServer(rate_limit_first=1, retry_after=1) as slack:
+        overrides = pipeline_settings | {"http_port": port, "slack_bot_token": VALID_TOKEN,
+                                         "slack_base_url": slack.base_url}
+        settings = as_settings(overrides)
+        ensure_topics(settings)
+        alerter = services("alerter", overrides)
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 60, "/readyz", [alerter])
+        producer = make_producer(settings)
+        producer.produce(settings.topic_anomalies, b"not an anomaly record")
+        producer.produce(settings.topic_anomalies, anomaly('cpu{host="a"}'))
+        assert producer.flush(30) == 0
+        wait_until(lambda: total(samples(port), "anomstream_slack_posts_total", outcome="posted") == 1, 60,
+                   "the alert posted and counted", [alerter])
+        wait_until(lambda: total(samples(port), "anomstream_consumed_messages_total", service="alerter") == 2,
+                   60, "both records counted", [alerter])
+        found = samples(port)
+        assert total(found, "anomstream_dead_lettered_messages_total", service="alerter") == 1
+        assert total(found, "anomstream_slack_retries_total") >= 1  # the 429, retried after Retry-After
+        assert len(slack.messages) == 1 and 'cpu{host="a"}' in slack.messages[0]["text"]
+        assert alerter.stop() == 0
     assert get(port, "/healthz")[0] == 0  # the server stopped with the service
