@@ -71,7 +71,8 @@ def test_detector_scores_broker_metrics_alerts_and_resumes_from_checkpoint(pipel
     frame = broker_metrics_frame(80, seed=5, bursts=[40], large=[60])
     with SlackTestServer() as slack:
         overrides = pipeline_settings | {"workers": 2, "slack_bot_token": VALID_TOKEN,
-                                         "slack_base_url": slack.base_url, "alert_cooldown_s": 0}
+                                         "slack_base_url": slack.base_url, "alert_cooldown_s": 0,
+                                         "alert_grouping": False}  # one message per anomaly
         settings = as_settings(overrides)
         ensure_topics(settings)
         detector = services("detector", overrides)

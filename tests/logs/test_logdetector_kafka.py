@@ -121,6 +121,7 @@ def test_logdetector_alerts_the_out_of_order_session_and_resumes_from_checkpoint
     with SlackTestServer() as slack:
         overrides = pipeline_settings | {
             "slack_bot_token": VALID_TOKEN, "slack_base_url": slack.base_url, "alert_cooldown_s": 0,
+            "alert_grouping": False,  # one message per anomalous session
             "log_session_timeout_s": 3600, "log_checkpoint_interval_s": 0.5, "log_max_line_bytes": 16384}
         settings = as_settings(overrides)
         ensure_topics(settings)

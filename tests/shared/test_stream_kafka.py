@@ -71,6 +71,7 @@ def test_the_alerter_rides_out_a_slack_outage_longer_than_max_poll_interval(pipe
         overrides = pipeline_settings | {
             "slack_bot_token": VALID_TOKEN, "slack_base_url": slack.base_url, "partitions_anomalies": 1,
             "kafka_extra": {"max.poll.interval.ms": 10000, "session.timeout.ms": 6000},
+            "alert_grouping": False,  # one post per anomaly, each retried through the outage
         }
         settings = as_settings(overrides)
         ensure_topics(settings)
