@@ -41,7 +41,7 @@ def dry_run(tmp_path: Path, target: str) -> list[str]:
     for rel in ("Makefile", "pyproject.toml", "broker/pom.xml"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
-    done = subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
@@ -68,5 +68,5 @@ def test_make_test_installs_the_test_extra_on_a_fresh_machine(tmp_path):
     for stamp in (".installed-run", ".installed-test"):
         (tmp_path / ".venv" / stamp).touch()
     for target, last in (("test", ".venv/bin/python -m pytest"), ("run", ".venv/bin/anomstream run")):
-        done = subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert done.stdout.splitlines() == [last], done.stdout
