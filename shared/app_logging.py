@@ -7,6 +7,7 @@ processor is the second line of defence for a secret that reaches a log line som
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -89,7 +90,7 @@ class LibrdkafkaLogger(logging.Logger):
         self._lock = threading.Lock()
 
     def log(self, level, msg, *args, **kwargs):  # confluent-kafka calls log(level, "%s [%s] %s", fac, name, text)
-        facility, client, text = (list(args) + ["", "", ""])[:3] if len(args) >= 3 else ("", "", msg % args)
+        facility, client, text = args[:3] if len(args) >= 3 else ("", "", msg % args)
         key = (str(facility), re.sub(r"\d+", "#", str(text))[:200])
         now = time.monotonic()
         with self._lock:
@@ -111,12 +112,7 @@ class LibrdkafkaLogger(logging.Logger):
             pass
 
 
-_kafka_logger: LibrdkafkaLogger | None = None
-
-
+@functools.cache
 def librdkafka_logger() -> LibrdkafkaLogger:
     """The one logger every Kafka client of this process logs through (shared.kafka.client_config)."""
-    global _kafka_logger
-    if _kafka_logger is None:
-        _kafka_logger = LibrdkafkaLogger()
-    return _kafka_logger
+    return LibrdkafkaLogger()

@@ -35,19 +35,18 @@ from shared.cli import CONTEXT, PATH, run_command
 from shared.config import load_settings
 
 
-def choose_by_alarm_rate(model, sessions: list, alarm_rate: float) -> tuple[float, int, float]:
-    """Without labels: (min_prob, k, flagged share) with min_prob 0 and the smallest k whose share
-    of flagged held-out sessions is at most alarm_rate (the largest k when none is)."""
+def choose_by_alarm_rate(model, sessions: list, alarm_rate: float) -> tuple[int, float]:
+    """Without labels (min_prob 0, top-k alone): (k, flagged share), the smallest k whose share of
+    flagged held-out sessions is at most alarm_rate (the largest k when none is)."""
     scores = model.score_sessions(sessions, min_prob=0.0)
     for k in K_VALUES:
         share = float((scores > k).mean()) if len(scores) else 0.0
         if share <= alarm_rate:
-            return 0.0, k, share
-    return 0.0, K_VALUES[-1], share
+            return k, share
+    return K_VALUES[-1], share
 
 
-def train_unlabelled(frame: pd.DataFrame, sessions_csv: Path, folder: Path, epochs: int, seed: int,
-                     alarm_rate: float) -> tuple[object, dict]:
+def train_unlabelled(frame: pd.DataFrame, epochs: int, seed: int, alarm_rate: float) -> tuple[object, dict]:
     from models.logs.next_event import NextEventDetector
 
     rng = np.random.default_rng(seed)
@@ -55,9 +54,9 @@ def train_unlabelled(frame: pd.DataFrame, sessions_csv: Path, folder: Path, epoc
     cut = max(1, int(len(frame) * 0.8))
     fit, held = frame.iloc[order[:cut]], frame.iloc[order[cut:]]
     model = NextEventDetector(epochs=epochs, seed=seed).fit(list(fit["events"]))
-    min_prob, k, share = choose_by_alarm_rate(model, list(held["events"]), alarm_rate)
-    model.params["min_prob"], model.k = min_prob, k
-    return model, {"k": k, "min_prob": min_prob, "split": "unlabelled: fitted on a random 80%, k by alarm rate on "
+    k, share = choose_by_alarm_rate(model, list(held["events"]), alarm_rate)
+    model.params["min_prob"], model.k = 0.0, k
+    return model, {"k": k, "min_prob": 0.0, "split": "unlabelled: fitted on a random 80%, k by alarm rate on "
                    "the other 20%", "fit_sessions": len(fit), "labelled": False, "alarm_rate": alarm_rate,
                    "held_out_flagged_share": share, "test": None}
 
@@ -68,7 +67,7 @@ def train_log_model(sessions_csv: Path, templates_csv: Path | None, folder: Path
 
     frame = read_sessions_csv(sessions_csv, unlabelled_ok=True)
     if not frame.attrs["labelled"]:
-        model, fitted = train_unlabelled(frame, sessions_csv, folder, epochs, seed, alarm_rate)
+        model, fitted = train_unlabelled(frame, epochs, seed, alarm_rate)
         return _save(model, fitted, sessions_csv, templates_csv, folder, epochs, seed)
     train, test, split_note = given_split(frame)
     fit_pos, val_pos = stratified_split(train["y"].to_numpy(), seed)

@@ -61,7 +61,6 @@ class MetricRecord(Record):
 _MetricFields = TypedDict("_MetricFields", {  # type: ignore[misc]
     name: Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
     for name, f in MetricRecord.model_fields.items()})
-_MetricFields.__pydantic_config__ = ConfigDict(**{k: v for k, v in MetricRecord.model_config.items() if k != "frozen"})
 _METRIC_CONFIG = {k: v for k, v in MetricRecord.model_config.items() if k != "frozen"}
 TimestampUnit = Literal["seconds", "milliseconds"]
 
