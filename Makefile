@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Two installs, each with its stamp: `make run` and the other commands install what they run (the
 # package with the `train` extra, TensorFlow, and the local broker's jars); `make test` adds the
-# `test` extra (pytest, pyspark, psycopg, import-linter, docker-py). Either works on a fresh machine.
+# `test` extra (pytest, pyspark, psycopg, import-linter, docker-py) and the Spark Kafka connector's
+# jars (spark/pom.xml). Either works on a fresh machine.
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
@@ -22,8 +23,9 @@ $(RUN_STAMP): pyproject.toml broker/pom.xml
 	$(BIN)/python -m shared.local_broker fetch
 	touch $@
 
-$(TEST_STAMP): $(RUN_STAMP) pyproject.toml
+$(TEST_STAMP): $(RUN_STAMP) pyproject.toml spark/pom.xml
 	$(BIN)/pip install -q -e '.[test,train]'
+	$(BIN)/anomstream spark-detect --fetch-jars
 	touch $@
 
 run: install

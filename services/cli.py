@@ -15,6 +15,8 @@ COMMANDS = {
     "train": ("services.jobs.train:command", "train the model sets"),
     "produce": ("services.producer.service:command", "replay CSVs or generate synthetic transactions into Kafka"),
     "detect": ("services.detector.service:command", "run the detector workers"),
+    "spark-detect": ("services.detector.spark.__main__:command",
+                     "run the detector as a Spark Structured Streaming query (needs anomstream[spark])"),
     "logdetect": ("services.logdetector.service:command",
                   "run the log detector (raw lines of `logs` -> anomalous sessions)"),
     "alert": ("services.alerter.service:command", "post anomalies to Slack"),

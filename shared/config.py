@@ -232,6 +232,20 @@ class Settings(BaseSettings):
     http_port: int = Field(9400, ge=0, le=65535)
     http_host: str = "0.0.0.0"
 
+    # --- The detector on Spark Structured Streaming (`anomstream spark-detect`, services/detector/spark)
+    # Master when not run by spark-submit (which sets its own); checkpoint (offsets, commits and the
+    # per-series state store: on a cluster, a path every node reaches, e.g. hdfs:// or s3a://);
+    # default <home>/spark/checkpoint. The state partitions are fixed by the first run of a checkpoint.
+    spark_master: str = "local[2]"
+    spark_checkpoint: str | None = None
+    spark_trigger_s: float = Field(1.0, gt=0, le=3600)
+    spark_state_partitions: int = Field(8, ge=1, le=10_000)
+    spark_max_offsets_per_trigger: int | None = Field(None, ge=1)
+    # More options of the Kafka source and sink, Spark's names: '{"kafka.sasl.jaas.config": "..."}'
+    # (the connection settings above are mapped to them already), and more Spark configuration.
+    spark_kafka_options: dict[str, str] = {}
+    spark_conf: dict[str, str] = {}
+
     # --- Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
@@ -252,6 +266,8 @@ class Settings(BaseSettings):
             self.model_dir = self.home / "models"
         if self.log_state_dir is None:
             self.log_state_dir = self.home / "state" / "logs"
+        if self.spark_checkpoint is None:
+            self.spark_checkpoint = str(self.home / "spark" / "checkpoint")
         if self.rules_db_url is None:
             self.rules_db_url = f"sqlite:///{self.home / 'state' / 'rules_history.db'}"
         return self

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import click
 
 from shared.cli import CONTEXT, PATH, run_command
 from shared.config import anomstream_home
+from shared.maven import copy_dependencies
 
 # A developer tool that runs from a checkout: its Maven project and broker configuration are the
 # repository's broker/ folder (beside this package), not package data.
@@ -42,23 +42,12 @@ def default_data_dir() -> Path:
     return cache_dir() / "data"
 
 
-def _copy_dependencies(out: Path, *flags: str) -> None:
-    if shutil.which("mvn") is None:
-        raise RuntimeError("Maven (mvn) is needed to fetch the Kafka broker jars")
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-         f"-DoutputDirectory={out}", "-DincludeScope=runtime", *flags],
-        check=True,
-    )
-
-
 def fetch_jars(libs: Path | None = None) -> Path:
     """The broker's classpath (every jar of broker/pom.xml but the java agent; default folder:
     <ANOMSTREAM_HOME>/kafka/libs)."""
     libs = libs or cache_dir() / "libs"
     if not any(libs.glob("kafka_2.13-*.jar")):
-        _copy_dependencies(libs, f"-DexcludeArtifactIds={AGENT_ARTIFACT}")
+        copy_dependencies(POM, libs, f"-DexcludeArtifactIds={AGENT_ARTIFACT}")
     return libs
 
 
@@ -68,7 +57,7 @@ def fetch_jmx_agent(agent_dir: Path | None = None) -> Path:
     agent_dir = agent_dir or cache_dir() / "agent"
     jars = sorted(agent_dir.glob(f"{AGENT_ARTIFACT}-*.jar"))
     if not jars:
-        _copy_dependencies(agent_dir, f"-DincludeArtifactIds={AGENT_ARTIFACT}")
+        copy_dependencies(POM, agent_dir, f"-DincludeArtifactIds={AGENT_ARTIFACT}")
         jars = sorted(agent_dir.glob(f"{AGENT_ARTIFACT}-*.jar"))
     if len(jars) != 1:
         raise RuntimeError(f"expected one {AGENT_ARTIFACT} jar in {agent_dir}, found {[j.name for j in jars]}")

@@ -63,11 +63,7 @@ from shared.kafka import (
     usable,
 )
 from shared.poison import PoisonGuard
-from shared.records.dead_letter import (
-    MAX_REASON_CHARS,
-    dead_letter_headers,
-    dead_letter_summary,
-)
+from shared.records.dead_letter import MAX_REASON_CHARS, dead_letter_record
 from shared.signals import stop_on_signals
 from shared.telemetry import (
     ANOMALIES,
@@ -93,7 +89,6 @@ BACKLOG_CHECKPOINT_S = 1.0
 # The broker or the group coordinator away for a while (an outage, a coordinator move).
 TRANSIENT_COMMIT_ERRORS = COORDINATOR_ERRORS | {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._WAIT_COORD,
                                                 KafkaError._ALL_BROKERS_DOWN, KafkaError.REQUEST_TIMED_OUT}
-DEAD_LETTER_OVERHEAD = 4096  # headers and record framing beside a dead letter's key and value
 
 # Exactly-once mode. Each transactional call waits at most TXN_CALL_TIMEOUT_S; a retriable error
 # (the broker or the transaction coordinator away) is retried for TXN_RETRY_FOR_S, then raised.
@@ -481,11 +476,10 @@ class StreamLoop:
     def dead_letter(self, msg, reason: str) -> None:
         """The original bytes and key, unchanged, with where they came from and why in headers; a
         message too large to write again (over max_produce_bytes) as a bounded summary."""
-        value, key = msg.value(), msg.key()
-        headers = dead_letter_headers(reason, msg.topic(), msg.partition(), msg.offset(), self.processor.name)
-        if len(value or b"") + len(key or b"") + DEAD_LETTER_OVERHEAD > self.settings.max_produce_bytes:
-            value = dead_letter_summary(value, key, reason, msg.topic(), msg.partition(), msg.offset())
-            key, headers = (key or b"")[:256] or None, headers + [("dlq.summary", b"true")]
+        value, key, headers, summarised = dead_letter_record(
+            msg.value(), msg.key(), reason, msg.topic(), msg.partition(), msg.offset(), self.processor.name,
+            self.settings.max_produce_bytes)
+        if summarised:
             self.stats["dead_letter_summaries"] += 1
         produce(self.producer, self.settings.topic_dead_letter, value, key, on_delivery=self.tracker,
                 headers=headers)
