@@ -28,6 +28,10 @@ MAGIC = b"ASST"
 # New keys wait in a small dict until this many gather, then the hashed index is rebuilt: a series
 # that appears now and then does not cost a rebuild of a 100,000-key index per batch.
 PENDING_KEYS = 4096
+# Up to this many keys are looked up one by one (a dict, the index's hash table) rather than
+# through a vectorised get_indexer, whose set-up costs more than a few lookups (the Spark detector
+# looks up one series at a time).
+FEW_KEYS = 8
 
 Fields = dict[str, tuple[np.dtype, tuple[int, ...]]]
 
@@ -77,6 +81,17 @@ class SeriesState:
         """Slot of each key, -1 where the store has none (vectorised: one hash lookup per key in C)."""
         keys = np.asarray(keys, dtype=object)
         slots = np.full(len(keys), -1, np.int64)
+        if len(keys) <= FEW_KEYS:
+            for i, key in enumerate(keys.tolist()):
+                slot = self._pending.get(key)
+                if slot is None and len(self._index):
+                    try:
+                        slot = self._index_slots[self._index.get_loc(key)]
+                    except KeyError:
+                        continue
+                if slot is not None:
+                    slots[i] = slot
+            return slots
         if len(self._index):
             found = self._index.get_indexer(keys)
             slots[found >= 0] = self._index_slots[found[found >= 0]]
@@ -148,11 +163,16 @@ class SeriesState:
         slots = np.asarray(slots, np.int64)
         if not len(slots):
             return
+        keys = self.keys[slots].tolist()
         self._reset(slots)
         self.keys[slots] = None
         self.free.extend(slots.tolist())
         self.stats["series_dropped"] += len(slots)
-        self._rebuild_index()
+        if all(key in self._pending for key in keys):  # added since the last rebuild: not in the index
+            for key in keys:
+                del self._pending[key]
+        else:
+            self._rebuild_index()
 
     def in_partitions(self, partitions) -> np.ndarray:
         return np.flatnonzero(np.isin(self.partition, list(partitions)) & (self.keys != None))  # noqa: E711

@@ -32,6 +32,10 @@ record: first_score_s) and its workers' resident memory sampled (the largest: wo
    mode), over --baseline-msgs messages, measured like phase 1; speedup = msgs_per_s /
    baseline_msgs_per_s.
 
+--spark-only: instead of all that, phase 1 (exactly-once) and then the same backlog scored by the
+Spark detector (`anomstream spark-detect`, local[2], a long-running query warmed up the same way);
+both throughputs, measured alike, in bench_results/spark.json.
+
 Progress goes to stderr; the last line on stdout is one JSON object (also written to
 bench_results/bench.json), with the CPU each part used while it was measured (broker, detector,
 this process, and "other": anything else on the machine). Numbers depend on the machine and on
@@ -173,19 +177,25 @@ def ensure_models(model_dir: Path, explicit: bool, settings: Settings) -> tuple[
 
 # --------------------------------------------------------------------------- processes
 
-class Detector:
-    """`python -m services.detector` in its own session, so that it and its workers form one
-    process group that can be stopped (and measured) as a whole; configured by ANOMSTREAM_*."""
+DETECTOR = "services.detector"
+SPARK_DETECTOR = "services.detector.spark"  # `anomstream spark-detect`, on local[2]
 
-    def __init__(self, overrides: dict, log_path: Path):
-        env = os.environ | {f"ANOMSTREAM_{k.upper()}": str(v) for k, v in overrides.items()}
+
+class Detector:
+    """`python -m services.detector` (or `module`: the Spark detector) in its own session, so that it
+    and its workers form one process group that can be stopped (and measured) as a whole;
+    configured by ANOMSTREAM_*."""
+
+    def __init__(self, overrides: dict, log_path: Path, module: str = DETECTOR):
+        env = os.environ | {f"ANOMSTREAM_{k.upper()}": orjson.dumps(v).decode() if isinstance(v, (dict, list))
+                            else str(v) for k, v in overrides.items()}
         env["ANOMSTREAM_LOG_FORMAT"] = "json"
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_file = open(log_path, "wb")
         self.started = time.monotonic()
         self.worker_pids: set[int] = set()  # filled in by the CpuMeter
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.detector"], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", module], env=env,
                                      stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
     def check(self) -> None:
@@ -524,7 +534,7 @@ def release_backlog(settings: Settings, topic: str, keys: list[bytes], values: l
 
 
 def backlog_phase(overrides: dict, n: int, tag: str, what: str, timeout: float, detectors: list[Detector],
-                  meter: CpuMeter, series: int = 64, delivery: str | None = None
+                  meter: CpuMeter, series: int = 64, delivery: str | None = None, module: str = DETECTOR
                   ) -> tuple[Settings, Detector, dict]:
     """Start the detector, warm it up, wait for its consumer group to settle, then release n messages
     over `series` series at once (release_backlog) and measure how fast it scores them all.
@@ -535,7 +545,7 @@ def backlog_phase(overrides: dict, n: int, tag: str, what: str, timeout: float, 
     settings = load_settings(**overrides)
     ensure_topics(settings)
     detector = Detector(overrides | ({"delivery": delivery} if delivery else {}),
-                        work_dir() / f"detector_{settings.consumer_group}.log")
+                        work_dir() / f"detector_{settings.consumer_group}.log", module)
     detectors.append(detector)
     say(f"{what}: started the detector ({settings.workers} workers, batch size {settings.batch_size}"
         + (f", {delivery}" if delivery else "") + "); waiting for it to warm up")
@@ -547,7 +557,8 @@ def backlog_phase(overrides: dict, n: int, tag: str, what: str, timeout: float, 
     first_score_s = time.monotonic() - detector.started  # start of `python -m services.detector` to a score
     say(f"{what}: first score {first_score_s:.1f}s after the detector was started")
     wait_scored(settings, detector, warmup, deadline, f"{what} warm-up")
-    held = wait_group_stable(settings, detector, what)
+    # (Spark's Kafka source assigns the partitions itself: no consumer group to wait for.)
+    held = wait_group_stable(settings, detector, what) if module == DETECTOR else []
     start = end_offsets(settings, settings.topic_scores)
     keys, values = encode_metric_frame(bench_frame(settings, n, tag, series))
     sent, released = release_backlog(settings, settings.topic_input, keys, values)
@@ -601,6 +612,32 @@ def latency_phase(settings: Settings, detector: Detector, rate: float, seconds: 
         f"sees it: p50 {out['visible_p50_ms']} ms, p99 {out['visible_p99_ms']} ms); cores used meanwhile: "
         f"{out['latency_cpu']}")
     return out
+
+
+def spark_comparison(base: dict, msgs: int, series: int, timeout: float, detectors: list[Detector],
+                     meter: CpuMeter, workers: int, batch_size: int, used: list[Settings]) -> dict:
+    """--spark-only: the same backlog (phase 1, exactly-once) scored by the consumer-group detector,
+    then by the Spark detector (a long-running query, 1 s trigger, warmed up like the detector)."""
+    overrides = run_overrides(base, uuid.uuid4().hex[:8], workers, batch_size)
+    used.append(load_settings(**overrides))
+    _, detector, rate = backlog_phase(overrides, msgs, "r", "throughput (consumer group, exactly_once)", timeout,
+                                      detectors, meter, series, "exactly_once")
+    detector.stop()
+    run = uuid.uuid4().hex[:8]
+    overrides = run_overrides(base, run, workers, batch_size) | {
+        "spark_checkpoint": str(work_dir() / f"spark_checkpoint_{run}"), "spark_trigger_s": 1.0,
+        "spark_conf": {"spark.ui.enabled": "false"}}
+    used.append(load_settings(**overrides))
+    _, spark, spark_rate = backlog_phase(overrides, msgs, "s", "throughput (spark, local[2])", timeout, detectors,
+                                         meter, series, module=SPARK_DETECTOR)
+    spark.stop()
+    shutil.rmtree(overrides["spark_checkpoint"], ignore_errors=True)
+    result = {"msgs": msgs, "series": series, "scoring": base["scoring"], "cores": os.cpu_count(),
+              "consumer_group": rate, "spark": spark_rate}
+    say(f"Spark detector (local[2]): {spark_rate['msgs_per_s']:.0f} msgs/s (first score "
+        f"{spark_rate['first_score_s']} s, duplicates {spark_rate['duplicates']}); consumer-group detector "
+        f"({workers} workers, exactly-once): {rate['msgs_per_s']:.0f} msgs/s; written to {RESULTS / 'spark.json'}")
+    return result
 
 
 def run_sweep(settings: Settings, model_dir: Path, counts: list[int], scoring: str = "lean") -> dict:
@@ -667,10 +704,13 @@ def delete_topics(settings_list: list[Settings]) -> None:
 @click.option("--sweep-only", is_flag=True, help="run the cardinality sweep alone: no broker, no detector")
 @click.option("--sweep-series", default="8,1000,100000", show_default=True,
               help="series counts of the sweep, comma-separated")
+@click.option("--spark-only", is_flag=True,
+              help="only the Spark detector's throughput (anomstream spark-detect, local[2]) beside the "
+                   "consumer-group detector's, on the same backlog of --msgs messages (needs anomstream[spark])")
 def command(msgs: int, offered_rate: float, latency_seconds: float, latency_warmup: float, baseline_msgs: int,
             workers_option: int | None, batch_size_option: int | None, model_dir_option: Path | None,
             timeout: float, scoring: str, design_phase: bool, series: int, sweep: bool, sweep_only: bool,
-            sweep_series: str) -> int:
+            sweep_series: str, spark_only: bool) -> int:
     if min(msgs, baseline_msgs) < 1 or offered_rate <= 0 or latency_seconds <= 0 or latency_warmup < 0:
         raise click.UsageError("--msgs, --baseline-msgs, --rate and --latency-seconds must be positive")
     if not 1 <= series <= msgs:
@@ -725,6 +765,12 @@ def command(msgs: int, offered_rate: float, latency_seconds: float, latency_warm
         meter = CpuMeter(broker, detectors)
         meter.start()
         base = {"bootstrap_servers": bootstrap, "model_dir": str(model_dir), "scoring": scoring}
+        if spark_only:
+            result = spark_comparison(base, msgs, series, timeout, detectors, meter, workers, batch_size, used)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / "spark.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+            print(orjson.dumps(result).decode(), flush=True)
+            return 0
 
         # Phases 1 and 2: the detector as configured, in its delivery mode ...
         delivery = settings.delivery

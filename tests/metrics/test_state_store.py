@@ -9,7 +9,7 @@ import pytest
 from models.metrics.likelihood import AnomalyLikelihood
 from models.metrics.model_set import ModelSet
 from models.metrics.scorer import Scorer
-from models.state import PENDING_KEYS, SeriesState
+from models.state import FEW_KEYS, PENDING_KEYS, SeriesState
 
 
 def store(capacity: int = 2) -> SeriesState:
@@ -35,6 +35,29 @@ def test_lookup_across_index_rebuilds():
     assert len(set(slots.tolist())) == len(keys)
     np.testing.assert_array_equal(s.find(keys), slots)
     np.testing.assert_array_equal(s.find(["nope", "k3"]), [-1, slots[3]])
+
+
+def test_a_few_keys_are_found_one_by_one_as_the_vectorised_lookup_finds_them():
+    s = store()
+    indexed = s.slots([f"k{i}" for i in range(PENDING_KEYS + 1)])  # past PENDING_KEYS: in the hashed index
+    pending = s.slots(["p0", "p1"])  # added since: in the pending dict
+    few = ["k3", "p1", "nope", f"k{PENDING_KEYS}", "p0"]
+    assert len(few) <= FEW_KEYS
+    expected = [indexed[3], pending[1], -1, indexed[-1], pending[0]]
+    np.testing.assert_array_equal(s.find(few), expected)
+    np.testing.assert_array_equal(s.find(few + ["x"] * FEW_KEYS)[:len(few)], expected)  # the vectorised path
+
+
+def test_dropping_keys_added_since_the_last_rebuild_and_indexed_ones():
+    s = store()
+    indexed = s.slots([f"k{i}" for i in range(PENDING_KEYS + 1)])
+    new = s.slots(["p0"])[0]
+    s.drop([new])  # pending only: no rebuild needed, and none done
+    assert s.find(["p0"])[0] == -1 and "p0" not in s._pending and len(s) == PENDING_KEYS + 1
+    assert s.slots(["p0"])[0] == new, "the freed slot is reused"
+    s.drop([indexed[5], new])  # an indexed key among them: the index is rebuilt
+    assert s.find(["k5"])[0] == -1 and s.find(["p0"])[0] == -1 and s.find(["k6"])[0] == indexed[6]
+    np.testing.assert_array_equal(s.find([f"k{i}" for i in range(10)]) >= 0, [i != 5 for i in range(10)])
 
 
 def test_export_load_round_trip_and_refusal():

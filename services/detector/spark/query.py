@@ -125,7 +125,11 @@ def score(config: ScoringConfig):
             state.remove()
             return
         topic, series = key
-        rows = pd.concat(list(frames), ignore_index=True).sort_values(["partition", "offset"], kind="stable")
+        frames = list(frames)
+        rows = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+        order = np.lexsort((rows["offset"].to_numpy(), rows["partition"].to_numpy()))  # offset order
+        if (order[1:] < order[:-1]).any():
+            rows = rows.iloc[order]
         if pd.isna(series):  # the bad messages of this micro-batch: their dead letters, built by decode
             yield rows[["key", "value", "headers"]].assign(topic=config.topic_dead_letter)
             return
