@@ -99,8 +99,9 @@ def services(tmp_path):
     """Start services with services(name, overrides); all are stopped when the test ends."""
     started: list[Service] = []
 
-    def start(name: str, overrides: dict, *args: str, env: dict | None = None) -> Service:
-        svc = Service(name, overrides, tmp_path, *args, env=env)
+    def start(name: str, overrides: dict, *args: str, env: dict | None = None,
+              command: list[str] | None = None) -> Service:
+        svc = Service(name, overrides, tmp_path, *args, env=env, command=command)
         started.append(svc)
         return svc
 

@@ -29,7 +29,8 @@ def as_settings(overrides: dict) -> Settings:
 class Service:
     """A service started as its own process (`python -m services.NAME`), as in production."""
 
-    def __init__(self, name: str, overrides: dict, log_dir: Path, *args: str, env: dict | None = None):
+    def __init__(self, name: str, overrides: dict, log_dir: Path, *args: str, env: dict | None = None,
+                 command: list[str] | None = None):
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ANOMSTREAM_")}
         environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
         # Tests feed topics of their own, often before a service has joined its group: it reads
@@ -44,7 +45,8 @@ class Service:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=REPO_ROOT,
+        # `command`: another way to start it (e.g. spark-submit of the service's file).
+        self.proc = subprocess.Popen([*(command or [sys.executable, "-m", f"services.{name}"]), *args], cwd=REPO_ROOT,
                                      env=environ, stdout=self.log_file, stderr=subprocess.STDOUT)
 
     @property

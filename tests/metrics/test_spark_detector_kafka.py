@@ -5,16 +5,21 @@ checkpoint goes on from where it stopped, with each series' state restored from 
 from __future__ import annotations
 
 import math
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from helpers import as_settings, series_frame, wait_until
 
+import services.detector.spark.__main__ as spark_main
+from services.detector.spark.connector import connector_jars
 from shared.kafka import ensure_topics, read_topic, send
 from shared.records.metrics import ScoreRecord, encode_metric_frame
 
 pytestmark = pytest.mark.kafka
 
+SPARK_MAIN = Path(spark_main.__file__)  # what spark-submit runs (README, "Run on Spark")
 MALFORMED = b'{"series": "ec2_cpu_utilization_24ae8d", "timestamp": "not a time", "value": 1.0}'
 
 
@@ -39,19 +44,26 @@ def test_spark_detector_scores_as_the_service_and_restarts_from_its_checkpoint(p
     settings = as_settings(spark_overrides)
     ensure_topics(settings)
 
-    # First run: the first half and a malformed message, then the query stops by itself.
+    # First run, as on a cluster (spark-submit of the module's file, the connector's jars passed to
+    # it): the first half and a malformed message, then the query stops by itself.
     send(settings, settings.topic_input, keys[:half] + [b"bad"], values[:half] + [MALFORMED])
-    first = services("detector.spark", spark_overrides, "--available-now")
+    submit = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
+              "--jars", ",".join(str(j) for j in connector_jars()),
+              str(SPARK_MAIN)]
+    python = {"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}  # this venv's
+    first = services("detector.spark", spark_overrides, "--available-now", command=submit, env=python)
     assert first.proc.wait(300) == 0, first.log[-3000:]
     assert len(scored(settings)) == half
+    assert '"available_now": true, "spark_submit": true' in first.log and "query stopped" in first.log
 
-    # Second run, from the checkpoint, as a long-running query: the second half, then SIGTERM.
+    # Second run, from the checkpoint, as `anomstream spark-detect` (python -m, local[2]) and a
+    # long-running query: the second half, then SIGTERM.
     second = services("detector.spark", spark_overrides)
     send(settings, settings.topic_input, keys[half:], values[half:])
     wait_until(lambda: len(read_topic(settings, settings.topic_scores, idle=1, timeout=60)) >= len(frame), 300,
                "the second half's scores", [second])
     assert second.stop(180) == 0, second.log[-3000:]
-    assert "query stopped" in second.log
+    assert '"spark_submit": false, "master": "local[2]"' in second.log and "query stopped" in second.log
 
     spark_scores = scored(settings)
     inputs = {(m.partition(), m.offset()): m for m in read_topic(settings, settings.topic_input, idle=2)}

@@ -78,7 +78,8 @@ def run(settings: Settings, available_now: bool) -> int:
     signal.signal(signal.SIGINT, on_signal)
     query = build_query(spark, settings, available_now)
     log.info("query started", query=query.name, checkpoint=settings.spark_checkpoint,
-             topics=settings.topic_models(), available_now=available_now)
+             topics=settings.topic_models(), available_now=available_now, spark_submit=under_spark_submit(),
+             master=spark.sparkContext.master)
     last_batch, scored = None, 0
     try:
         while not query.awaitTermination(1.0):
