@@ -135,11 +135,14 @@ def split_per_session(window_values: np.ndarray, owner: np.ndarray, n_sessions: 
 
 
 class KerasWindowModel(LogDetector):
-    """What the two Keras window models share: vocabulary, network file, params, threshold.
+    """What the two Keras window models share: vocabulary, network file, params, threshold and
+    the learned attributes a model names in `learned_attributes` (saved beside them).
 
     A Sequential network (the next-event model) is exported after training and predicts in numpy
     (models/inference.py), so the log detector service does not import TensorFlow; the pair
     classifier (two inputs, an evaluation baseline) predicts with Keras."""
+
+    learned_attributes: tuple[str, ...] = ()
 
     def __init__(self, **params):
         self.params = params
@@ -192,7 +195,8 @@ class KerasWindowModel(LogDetector):
         if self.network is not None:
             self.network.save(folder, self.name)
         write_json(folder / f"{self.name}.json", {"params": self.params, "threshold": self.threshold,
-                                                  "vocabulary": self.vocab.tokens})
+                                                  "vocabulary": self.vocab.tokens,
+                                                  **{a: getattr(self, a) for a in self.learned_attributes}})
 
     @classmethod
     def load(cls, folder: Path) -> "KerasWindowModel":
@@ -208,4 +212,6 @@ class KerasWindowModel(LogDetector):
                 det.network = SequentialNetwork.from_keras(det.model)
         det.vocab = Vocabulary(meta["vocabulary"])
         det.threshold = meta["threshold"]
+        for attribute in cls.learned_attributes:  # absent from a model saved before it was learned
+            setattr(det, attribute, meta.get(attribute))
         return det

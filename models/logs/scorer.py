@@ -3,8 +3,9 @@ next-event model (one network call per batch) -> the anomalous sessions.
 
 A session is reported once, at its first event outside the model's top-k (or below min_prob, or
 never seen in training), or when it ends (inactivity timeout in event time, or a terminal event)
-where the model did not expect an end. Only the last h events of each open session are kept, at
-most `max_sessions` sessions; the idle ones are closed as the batch's event time passes them.
+where the model did not expect an end (under the "length" rule: shorter than any normal training
+session). Only the last h events of each open session are kept, at most `max_sessions` sessions;
+the idle ones are closed as the batch's event time passes them.
 
 The open sessions live in memory, each belonging to the input partition of its latest line (a
 session's lines are expected in one partition: producers key them by session). Their state is
@@ -160,7 +161,8 @@ class LogStreamScorer:
         if not pending:
             return []
         self.stats["windows"] += len(pending)
-        ranks, probs = self.detector.rank_windows([w.context for w, *_ in pending], [w.target for w, *_ in pending])
+        ranks, probs = self.detector.rank_windows([w.context for w, *_ in pending], [w.target for w, *_ in pending],
+                                                  [w.events for w, *_ in pending])
         findings, reported = [], set()
         for (window, line, template), rank, prob in zip(pending, ranks.tolist(), probs.tolist()):
             if rank <= self.k or window.flagged or window.key in reported:
@@ -172,7 +174,10 @@ class LogStreamScorer:
         return findings
 
     def _finding(self, window, line, template, rank, prob) -> LogFinding:
-        if window.target == END:
+        if window.target == END and self.detector.min_events is not None and rank >= UNKNOWN_RANK:
+            reason = (f"the session ended after {window.events} event{'s' * (window.events != 1)}, fewer than any "
+                      f"normal training session ({self.detector.min_events})")
+        elif window.target == END:
             reason = f"the session ended where the model did not expect an end (rank {rank:g} > k={self.k})"
         elif rank >= UNKNOWN_RANK and window.target not in self.detector.vocab.index:
             reason = "an event never seen in the training sessions"

@@ -168,11 +168,16 @@ def log_summary(raw_sample: Path, labels: dict[str, bool], flagged: dict[str, se
     truth = np.array(list(labels.values()))
     alarms = np.array([block in flagged["labelled"] for block in labels])
     m = point_metrics(alarms, truth)
-    manifest = json.loads((settings.model_dir / settings.model_logs / "manifest.json").read_text())
+    normals = int((~truth).sum())
+    fpr = m["fp"] / normals if normals else 0.0
+    offline = json.loads((settings.model_dir / settings.model_logs / "manifest.json").read_text())["test"]
+    # A model trained before the rate figures were recorded has no offline FPR.
+    offline_fpr = f" fpr={offline['fpr']:.2%}" if "fpr" in offline else ""
     return (f"LOGS raw_sample_sessions={len(raw_blocks)} raw_sample_flagged={len(raw_blocks & flagged['raw'])} "
             f"labelled_sessions={len(labels)} labelled_anomalous={int(truth.sum())} flagged={int(alarms.sum())} "
             f"tp={m['tp']} fp={m['fp']} fn={m['fn']} precision={m['precision']:.3f} recall={m['recall']:.3f} "
-            f"f1={m['f1']:.3f} (offline on the same split: f1={manifest['test']['f1']:.3f})")
+            f"f1={m['f1']:.3f} fpr={fpr:.2%} ({m['fp']}/{normals} normal sessions) (offline on the same split: "
+            f"f1={offline['f1']:.3f}{offline_fpr})")
 
 
 def remote_hosts(bootstrap: str) -> list[str]:

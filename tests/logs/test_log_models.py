@@ -8,12 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.evaluation.metrics import implied_at_ratio, rate_metrics
 from models.inference import limit_threads
 from models.logs.base import Vocabulary, dedupe, encode_windows
 from models.logs.count_baseline import CountVectorDetector
 from models.logs.next_event import UNKNOWN_RANK, NextEventDetector, target_ranks
+from models.logs.sessions import END, PAD
+from services.jobs.logs_evaluate import K_VALUES, choose_next_event, sequence_ceiling
 from services.jobs.logs_evaluate import main as log_evaluate
-from services.jobs.logs_evaluate import sequence_ceiling
+from services.jobs.logs_train import align_template_ids
 from shared.config import load_settings
 
 limit_threads(1)
@@ -59,6 +62,80 @@ def test_top_k_decision_on_known_outputs():
     assert model.score_sessions([["A", "C"]], min_prob=0.2).tolist() == [UNKNOWN_RANK]
 
 
+def test_session_end_by_length_or_by_rank_on_known_outputs():
+    model = StubNextEvent(k=2)
+    model.min_events = 3  # learned at fit: the shortest normal training session
+    sessions = [["A", "A", "A"], ["A", "A"], ["A"]]
+    # Ranked, END (0.1) ranks 3 in every session; by length, an end after 3 events is accepted
+    # (rank 1) and an earlier one is anomalous at every k.
+    assert model.score_sessions(sessions).tolist() == [1, UNKNOWN_RANK, UNKNOWN_RANK]
+    model.params["session_end"] = "rank"
+    assert model.score_sessions(sessions).tolist() == [3, 3, 3]
+    model.params["session_end"] = "length"
+    # Streaming: the lengths come with the windows; without them the END is ranked.
+    ranks, _ = model.rank_windows([(PAD, "A", "A"), (PAD, PAD, "A"), ("A", "A", "A")], [END, END, "B"], [2, 3, 3])
+    assert ranks.tolist() == [UNKNOWN_RANK, 1, 2]
+    assert model.rank_windows([(PAD, PAD, "A")], [END])[0].tolist() == [3]
+    # A model saved before min_events was learned ranks its ends.
+    model.min_events = None
+    assert model.score_sessions(sessions).tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="session_end"):
+        NextEventDetector(session_end="never")
+
+
+def test_rate_metrics_give_deeplogs_published_precision_from_its_false_positive_rate():
+    # DeepLog on HDFS: 833 false positives among 553,366 normal blocks, recall 0.96, precision 0.95
+    # with 16,838 anomalous blocks (a ratio of 32.9).
+    implied = implied_at_ratio(833 / 553_366, 0.96, 553_366 / 16_838)
+    assert implied["implied_precision"] == pytest.approx(0.95, abs=0.005)
+    assert implied["implied_f1"] == pytest.approx(0.955, abs=0.005)
+    truth = np.array([0] * 100 + [1] * 10, bool)
+    alarms = truth.copy()
+    alarms[:2], alarms[100] = True, False  # 2 false positives, 9 of 10 anomalies found
+    m = rate_metrics(alarms, truth, ratio=33)
+    assert (m["fp"], m["normals"], m["tp"], m["anomalies"]) == (2, 100, 9, 10)
+    assert m["fpr"] == pytest.approx(0.02) and m["recall"] == pytest.approx(0.9)
+    # Per anomaly: 0.9 found, 33 * 0.02 = 0.66 normal sessions flagged.
+    assert m["implied_precision"] == pytest.approx(0.9 / 1.56)
+    assert rate_metrics(np.zeros(3, bool), np.array([0, 0, 1], bool), 33)["implied_f1"] == 0.0
+
+
+def test_the_validation_choice_maximises_the_f1_implied_at_the_ratio():
+    model = StubNextEvent()
+    model.min_events = 1
+    # Session scores: A A -> 1, A B -> 2, A C -> 3 (C ties with END at 0.1).
+    sessions = [["A", "A"]] * 20 + [["A", "B"]] + [["A", "B"]] * 3 + [["A", "C"]] * 2
+    truth = np.array([0] * 21 + [1] * 5, bool)
+    # k=1 finds all 5 anomalies with 1 false positive in 21 normal sessions: F1 0.91 on this mix,
+    # 0.56 at 33:1; k=2 finds 2 without a false positive: F1 0.57 at any mix.
+    (session_end, min_prob, k), f1 = choose_next_event(model, sessions, truth, ratio=33)
+    assert (session_end, min_prob, k) == ("length", 0.0, 2)
+    assert f1["length"][0.0][2] == pytest.approx(0.4 * 2 / 1.4)
+    assert f1["length"][0.0][1] == pytest.approx(implied_at_ratio(1 / 21, 1.0, 33)["implied_f1"])
+    assert choose_next_event(model, sessions, truth, ratio=1)[0] == ("length", 0.0, 1)
+
+
+def test_template_ids_are_written_as_the_sessions_write_them():
+    vocabulary = ["<PAD>", "<UNK>", "<END>", "E01", "E05", "E22"]
+    assert align_template_ids(["E1", "E5", "E22", "E29", "T01"], vocabulary) == ["E01", "E05", "E22", "E29", "T01"]
+
+
+def test_sample_weights_are_the_pair_counts_to_the_weight_power(monkeypatch):
+    seen = {}
+
+    def train(self, inputs, targets, weights, loss):
+        seen["weights"] = sorted(weights.tolist())
+
+    monkeypatch.setattr(NextEventDetector, "_train", train)
+    normal = [["A", "B"]] * 9 + [["A", "C"]]
+    model = NextEventDetector(h=1, weight_power=0.5).fit(normal + [["A"]], labels=[0] * 10 + [1])
+    # (PAD)->A 10 times, A->B 9, B->END 9, A->C 1, C->END 1; the anomalous session is not learned.
+    assert seen["weights"] == pytest.approx([1, 1, 3, 3, 10 ** 0.5])
+    assert model.min_events == 2
+    NextEventDetector(h=1, weight_power=1.0).fit(normal)
+    assert seen["weights"] == pytest.approx([1, 1, 9, 9, 10])
+
+
 def test_encode_and_dedupe_windows():
     vocab = Vocabulary(["A", "B"])
     contexts, targets, owner = encode_windows([["A", "B"], ["A", "B"], ["A", "X"]], vocab, h=2)
@@ -80,8 +157,17 @@ def test_next_event_model_learns_a_fixed_order_and_round_trips(tmp_path):
     assert model.score_sessions([["A", "B", "D", "C"]])[0] == 2  # the less frequent branch: second choice
     model.save(tmp_path / "m")
     loaded = NextEventDetector.load(tmp_path / "m")
-    assert loaded.k == 1 and loaded.vocab.tokens == model.vocab.tokens
+    assert loaded.k == 1 and loaded.vocab.tokens == model.vocab.tokens and loaded.min_events == 4
     assert loaded.score_sessions([["A", "C", "B", "D"]]).tolist() == [scores[1]]
+    assert loaded.score_sessions([["A", "B"]]).tolist() == [UNKNOWN_RANK]  # ended before any normal session
+    # A model saved before min_events was learned loads and ranks its session ends.
+    meta_path = tmp_path / "m" / f"{model.name}.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["min_events"]
+    meta_path.write_text(json.dumps(meta))
+    old = NextEventDetector.load(tmp_path / "m")
+    assert old.min_events is None
+    assert old.score_sessions([["A", "B"]])[0] == model.score_sessions([["A", "B"]], session_end="rank")[0] > 2
 
 
 def test_count_baselines_separate_a_telltale_event(tmp_path):
@@ -116,18 +202,27 @@ def test_logs_evaluate_on_a_slice_of_the_hdfs_sessions(tmp_path):
     part.to_csv(path, index=False)
     out = tmp_path / "out"
 
-    assert log_evaluate(["--sessions", str(path), "--out", str(out), "--splits", "1", "--epochs", "3"]) == 0
+    assert log_evaluate(["--sessions", str(path), "--out", str(out), "--splits", "1", "--epochs", "3",
+                         "--ratio", "20"]) == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
     given = metrics["test_split"]
     assert given["test_sessions"] == int((part["Split"] == "test").sum())
     names = {"next_event_lstm", "pair_classifier", "count_logistic_regression", "count_decision_tree"}
     assert set(given["models"]) == names
+    assert metrics["ratio"] == 20
+    test_truth = pd.read_csv(out / "sessions_test.csv")["Label"].eq("Anomaly")
     for name, m in given["models"].items():
         assert {"precision", "recall", "f1", "tp", "fp", "fn", "classification_report", "separable"} <= set(m)
         assert 0 <= m["f1"] <= 1
+        # The rate figures: false positives over the normal test sessions, and what they imply at 20:1.
+        assert m["normals"] == int((~test_truth).sum()) and m["fpr"] == pytest.approx(m["fp"] / m["normals"])
+        assert m["implied_f1"] == pytest.approx(implied_at_ratio(m["fpr"], m["recall"], 20)["implied_f1"])
     ne = given["models"]["next_event_lstm"]
-    assert ne["k"] in metrics["k_values"] and set(map(int, ne["f1_by_k"])) == set(range(1, 11))
+    assert ne["k"] in metrics["k_values"] and set(map(int, ne["f1_by_k"])) == set(K_VALUES)
+    assert ne["session_end"] in ("length", "rank")
+    assert ne["validation_implied_f1"] == max(f for by_mp in ne["validation_implied_f1_by_session_end_min_prob_and_k"]
+                                             .values() for by_k in by_mp.values() for f in by_k.values())
     assert set(ne["window_classification_report"]) >= {"Normal", "Anomaly", "accuracy"}
     assert "window_classification_report" not in given["models"]["count_decision_tree"]
     # The count baseline beats chance (flagging every session: F1 = 2p / (1 + p)).
@@ -136,6 +231,9 @@ def test_logs_evaluate_on_a_slice_of_the_hdfs_sessions(tmp_path):
     assert given["models"]["count_decision_tree"]["f1"] <= given["ceiling"]["f1"] + 1e-9
     spread = metrics["random_splits"]
     assert spread["n"] == 1 and set(spread["summary"]["count_decision_tree"]["f1"]) == {"mean", "std", "min", "max"}
+    pooled = spread["summary"]["next_event_lstm"]["pooled"]
+    split = spread["per_split"][0]["models"]["next_event_lstm"]
+    assert (pooled["fp"], pooled["normals"]) == (split["fp"], split["normals"])
     results = pd.read_csv(out / "sessions_test.csv")
     assert len(results) == given["test_sessions"]
     assert {"next_event_lstm_score", "next_event_lstm_anomaly", "count_decision_tree_anomaly"} <= set(results.columns)
@@ -164,7 +262,8 @@ def test_logs_train_fits_unlabelled_sessions_parsed_from_raw_logs(tmp_path):
                       "--name", "mine", "--alarm-rate", "0.05"]) == 0
     manifest = json.loads((tmp_path / "m" / "mine" / "manifest.json").read_text())
     assert manifest["labelled"] is False and manifest["test"] is None
-    assert manifest["k"] in range(1, 11) and manifest["held_out_flagged_share"] <= 0.05 or manifest["k"] == 10
+    assert manifest["k"] in K_VALUES
+    assert manifest["held_out_flagged_share"] <= 0.05 or manifest["k"] == K_VALUES[-1]
     assert manifest["fit_sessions"] == int(len(parsed) * 0.8)
     scorer = LogStreamScorer(tmp_path / "m", "mine", tmp_path / "state", r"blk_-?\d+")
     assert scorer.k == manifest["k"] and scorer.version == manifest["version"]

@@ -521,13 +521,24 @@ def test_injected_events_are_found_with_their_reason(model_root, reference, tmp_
     assert (f.event, f.rank) == (event, rank)
     assert f.reason == f"not among the top {k} predicted next events (rank {rank:g})"
 
-    # A session that stops early: END where the model expects more.
-    (start_rank, end_rank), _ = det.rank_windows([(PAD,) * h, (PAD,) * (h - 1) + ("T05",)], ["T05", END])
-    assert start_rank < end_rank, "the model expects a session to go on after allocateBlock"
-    det.k = int(end_rank) - 1  # this scorer's own copy of the model
+    # A session that stops early: fewer events than the shortest normal training session.
+    assert det.min_events > 1
     assert scorer.score(as_lines([line_at("T05", "blk_1002", 4)], first_offset=14)) == []
     ended = scorer.idle(scorer.tracker.timeout_s + 1)
-    assert [(f.key, f.event, f.rank) for f in ended] == [("blk_1002", END, end_rank)]
+    assert [(f.key, f.event, f.rank) for f in ended] == [("blk_1002", END, UNKNOWN_RANK)]
+    f = ended[0]
+    assert f.reason == f"the session ended after 1 event, fewer than any normal training session ({det.min_events})"
+    assert f.window == ["T05"] and f.session_events == 1
+    assert f.line == "" and f.partition is None and f.offset is None
+
+    # A model saved before min_events was learned ranks a session's end like an event.
+    det.min_events = None
+    (start_rank, end_rank), _ = det.rank_windows([(PAD,) * h, (PAD,) * (h - 1) + ("T05",)], ["T05", END], [0, 1])
+    assert start_rank < end_rank < UNKNOWN_RANK, "the model expects a session to go on after allocateBlock"
+    det.k = int(end_rank) - 1  # this scorer's own copy of the model
+    assert scorer.score(as_lines([line_at("T05", "blk_1003", 400)], first_offset=15)) == []
+    ended = scorer.idle(scorer.tracker.timeout_s + 1)
+    assert [(f.key, f.event, f.rank) for f in ended] == [("blk_1003", END, end_rank)]
     f = ended[0]
     assert f.reason.startswith("the session ended where the model did not expect an end")
     assert f"k={det.k}" in f.reason and f.window == ["T05"] and f.session_events == 1
@@ -648,7 +659,7 @@ def expect_every_event_never_an_end(scorer, monkeypatch) -> None:
     """The scorer's model made to rank every event first and every END just beyond k."""
     k = scorer.k
 
-    def rank_windows(contexts, targets):
+    def rank_windows(contexts, targets, lengths=None):
         return np.array([k + 1.0 if t == END else 1.0 for t in targets]), np.full(len(targets), 0.01)
 
     monkeypatch.setattr(scorer.detector, "rank_windows", rank_windows)
