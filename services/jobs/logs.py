@@ -1,8 +1,8 @@
 """anomstream logs: log anomaly detection.
 
   anomstream logs parse FILE [--out CSV] [--state PATH] [--truth STRUCTURED_CSV] [--sessions CSV]
-  anomstream logs evaluate [--sessions CSV] [--out DIR] [--splits N] [--epochs E] [--quick]
-  anomstream logs train [--sessions CSV] [--templates CSV] [--epochs E] [--name NAME] [--if-missing]
+  anomstream logs evaluate [--sessions CSV] [--out DIR] [--splits N] [--epochs E] [--ratio R] [--quick]
+  anomstream logs train [--sessions CSV] [--templates CSV] [--epochs E] [--ratio R] [--name NAME] [--if-missing]
   anomstream logs render [--split test] [--out FILE] [--open-sessions N] [--seed S]
 """
 

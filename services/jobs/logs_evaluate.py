@@ -1,8 +1,10 @@
 """logs evaluate: session-level log anomaly detection on a sessions CSV (HDFS by default).
 
-Models: the next-event LSTM (unsupervised, trained on normal sessions only), the two-input
-(window, next event) classifier and the count-vector baselines (logistic regression, decision
-tree), the last three supervised with the session labels.
+Models: the next-event LSTM (unsupervised, trained on normal sessions only; also reported with
+every event ranked, i.e. without accepting the transitions seen in training), transition novelty
+(unsupervised: a transition never seen in the normal sessions of the same fitting slice), the
+two-input (window, next event) classifier and the count-vector baselines (logistic regression,
+decision tree), the last three supervised with the session labels.
 
 No test-split tuning. Each model sees only the training split. A window model is fitted on a
 stratified 80% of it (normal sessions only for the next-event model) and makes its one choice on
@@ -28,6 +30,7 @@ log at line 100,000 while the label comes from its whole life.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -47,7 +50,9 @@ K_VALUES = list(range(1, 17))  # up to the event ids of a small vocabulary (hdfs
 MIN_PROBS = [0.0, 1e-5, 1e-4, 1e-3]  # next-event model: an event below this probability is anomalous at any k
 PAIR_THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 1.0, 0.05)]
 UNSUPERVISED = "next_event_lstm"
-MODEL_NAMES = [UNSUPERVISED, "pair_classifier", "count_logistic_regression", "count_decision_tree"]
+ALL_RANKED = "next_event_lstm_all_ranked"  # the same network, every event ranked (seen transitions not accepted)
+MODEL_NAMES = [UNSUPERVISED, ALL_RANKED, "transition_novelty", "pair_classifier", "count_logistic_regression",
+               "count_decision_tree"]
 RATIO = 33.0  # normal sessions per anomalous one in the full HDFS_v1 log (DeepLog's split: 553,366 / 16,838)
 
 
@@ -105,26 +110,47 @@ def _window_report(model, sessions: list, truth: np.ndarray) -> dict:
     return _report(model.decide(scores), window_truth)
 
 
-def choose_next_event(model, sessions: list, truth: np.ndarray,
-                      ratio: float = RATIO) -> tuple[tuple[str, float, int], dict]:
+def choose_next_event(model, sessions: list, truth: np.ndarray, ratio: float = RATIO,
+                      seen_transitions: str | None = None) -> tuple[tuple[str, float, int], dict]:
     """(session_end, min_prob, k) with the best implied F1 at `ratio` on these (validation)
     sessions; ties: fewer alarms, then the larger k, the smaller min_prob and ranked ends. Also
     every implied F1, as {session_end: {min_prob: {k: F1}}}."""
     from models.logs.base import per_session_max
     from models.logs.next_event import SESSION_ENDS
 
-    probs, targets, owner = model.next_event_probs(sessions)
+    windows = model.scored_windows(sessions)
     grid, f1 = {}, {}
     for session_end in SESSION_ENDS if model.min_events is not None else ("rank",):
         for min_prob in MIN_PROBS:
-            ranks = model.session_ranks(probs, targets, owner, sessions, min_prob, session_end)
-            scores = per_session_max(ranks, owner, len(sessions), empty=1.0)
+            ranks = model.ranks(windows, min_prob, session_end, seen_transitions)
+            scores = per_session_max(ranks, windows.owner, len(sessions), empty=1.0)
             for k in K_VALUES:
                 flags = scores > k
                 grid[(session_end, min_prob, k)] = (rate_metrics(flags, truth, ratio)["implied_f1"],
                                                     -int(flags.sum()), k, -min_prob, session_end == "rank")
                 f1.setdefault(session_end, {}).setdefault(min_prob, {})[k] = grid[(session_end, min_prob, k)][0]
     return max(grid, key=grid.get), f1
+
+
+def _next_event_result(model, val_sessions: list, val_truth: np.ndarray, test_sessions: list,
+                       test_truth: np.ndarray, ratio: float, details: bool) -> tuple[np.ndarray, dict]:
+    """The next-event model's choice on the validation slice, then its test scores and figures."""
+    (session_end, min_prob, k), val_f1 = choose_next_event(model, val_sessions, val_truth, ratio)
+    model.params["session_end"], model.params["min_prob"], model.k = session_end, min_prob, k
+    scores = model.score_sessions(test_sessions)
+    result = {
+        **detection_metrics(model.decide(scores), test_truth, ratio), "k": k, "min_prob": min_prob,
+        "session_end": session_end, "seen_transitions": model.params["seen_transitions"],
+        "validation_implied_f1": val_f1[session_end][min_prob][k],
+        "validation_implied_f1_by_session_end_min_prob_and_k": val_f1,
+        # Reported, never used to choose: the test F1 at every k (at the chosen min_prob, and top-k alone).
+        "f1_by_k": {k_: point_metrics(scores > k_, test_truth)["f1"] for k_ in K_VALUES},
+    }
+    top_k_only = model.score_sessions(test_sessions, min_prob=0.0)
+    result["f1_by_k_top_k_only"] = {k_: point_metrics(top_k_only > k_, test_truth)["f1"] for k_ in K_VALUES}
+    if details:
+        result["by_k"] = {k_: point_metrics(scores > k_, test_truth) for k_ in K_VALUES}
+    return scores, result
 
 
 def evaluate_split(train: pd.DataFrame, test: pd.DataFrame, seed: int, epochs: int, details: bool = False,
@@ -134,6 +160,7 @@ def evaluate_split(train: pd.DataFrame, test: pd.DataFrame, seed: int, epochs: i
     from models.logs.count_baseline import CountVectorDetector
     from models.logs.next_event import NextEventDetector
     from models.logs.pair_classifier import PairClassifierDetector
+    from models.logs.transitions import TransitionNoveltyDetector
 
     fit_pos, val_pos = stratified_split(train["y"].to_numpy(), seed)
     fit, val = train.iloc[fit_pos], train.iloc[val_pos]
@@ -143,21 +170,18 @@ def evaluate_split(train: pd.DataFrame, test: pd.DataFrame, seed: int, epochs: i
     results, scores, models = {}, {}, {}
 
     model = NextEventDetector(epochs=epochs, seed=seed).fit(list(fit["events"]), list(fit["y"]))
-    (session_end, min_prob, k), val_f1 = choose_next_event(model, val_sessions, val_truth, ratio)
-    model.params["session_end"], model.params["min_prob"], model.k = session_end, min_prob, k
-    models[UNSUPERVISED], scores[UNSUPERVISED] = model, model.score_sessions(test_sessions)
-    results[UNSUPERVISED] = {
-        **detection_metrics(model.decide(scores[UNSUPERVISED]), test_truth, ratio), "k": k, "min_prob": min_prob,
-        "session_end": session_end, "validation_implied_f1": val_f1[session_end][min_prob][k],
-        "validation_implied_f1_by_session_end_min_prob_and_k": val_f1,
-        # Reported, never used to choose: the test F1 at every k (at the chosen min_prob, and top-k alone).
-        "f1_by_k": {k_: point_metrics(scores[UNSUPERVISED] > k_, test_truth)["f1"] for k_ in K_VALUES},
-    }
-    top_k_only = model.score_sessions(test_sessions, min_prob=0.0)
-    results[UNSUPERVISED]["f1_by_k_top_k_only"] = {k_: point_metrics(top_k_only > k_, test_truth)["f1"]
-                                                   for k_ in K_VALUES}
-    if details:
-        results[UNSUPERVISED]["by_k"] = {k_: point_metrics(scores[UNSUPERVISED] > k_, test_truth) for k_ in K_VALUES}
+    # The same network with every event ranked (seen transitions not accepted), its own choice.
+    ranked = copy.copy(model)
+    ranked.params = {**model.params, "seen_transitions": "rank"}
+    for name, variant in ((UNSUPERVISED, model), (ALL_RANKED, ranked)):
+        models[name] = variant
+        scores[name], results[name] = _next_event_result(variant, val_sessions, val_truth, test_sessions,
+                                                         test_truth, ratio, details)
+
+    model = TransitionNoveltyDetector().fit(list(fit["events"]), list(fit["y"]))
+    models[model.name], scores[model.name] = model, model.score_sessions(test_sessions)
+    results[model.name] = {**detection_metrics(model.decide(scores[model.name]), test_truth, ratio),
+                           "threshold": model.threshold}
 
     model = PairClassifierDetector(epochs=epochs, seed=seed).fit(list(fit["events"]), list(fit["y"]))
     model.threshold, val_f1 = best_threshold(model.score_sessions(val_sessions), val_truth, PAIR_THRESHOLDS, ratio)
@@ -220,9 +244,9 @@ def summarise_splits(splits: list[dict], ratio: float = RATIO) -> dict:
         summary[name]["pooled"] = {"fp": fp, "normals": normals, "tp": tp, "anomalies": anomalies,
                                    "fpr": fp / normals, "recall": tp / anomalies,
                                    **implied_at_ratio(fp / normals, tp / anomalies, ratio)}
-    summary[UNSUPERVISED]["chosen_k"] = [s["models"][UNSUPERVISED]["k"] for s in splits]
-    summary[UNSUPERVISED]["chosen_min_prob"] = [s["models"][UNSUPERVISED]["min_prob"] for s in splits]
-    summary[UNSUPERVISED]["chosen_session_end"] = [s["models"][UNSUPERVISED]["session_end"] for s in splits]
+    for name in (UNSUPERVISED, ALL_RANKED):
+        for choice in ("k", "min_prob", "session_end"):
+            summary[name][f"chosen_{choice}"] = [s["models"][name][choice] for s in splits]
     summary["ceiling"] = {"f1": _spread([s["ceiling"]["f1"] for s in splits])}
     return summary
 

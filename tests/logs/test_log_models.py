@@ -14,6 +14,7 @@ from models.logs.base import Vocabulary, dedupe, encode_windows
 from models.logs.count_baseline import CountVectorDetector
 from models.logs.next_event import UNKNOWN_RANK, NextEventDetector, target_ranks
 from models.logs.sessions import END, PAD
+from models.logs.transitions import TransitionNoveltyDetector
 from services.jobs.logs_evaluate import K_VALUES, choose_next_event, sequence_ceiling
 from services.jobs.logs_evaluate import main as log_evaluate
 from services.jobs.logs_train import align_template_ids
@@ -81,6 +82,32 @@ def test_session_end_by_length_or_by_rank_on_known_outputs():
     assert model.score_sessions(sessions).tolist() == [3, 3, 3]
     with pytest.raises(ValueError, match="session_end"):
         NextEventDetector(session_end="never")
+
+
+def test_seen_transitions_are_accepted_at_any_k_on_known_outputs():
+    model = StubNextEvent(k=1)
+    model.min_events = 1
+    model.transitions = [(PAD, "A"), ("A", "C"), ("C", END)]
+    # C ranks 3 after any window, but A -> C was seen in training; B ranks 2 and A -> B was not.
+    assert model.score_sessions([["A", "C"], ["A", "B"], ["A", "C", "C"]]).tolist() == [1, 2, 3]
+    assert model.score_sessions([["A", "C"]], seen_transitions="rank").tolist() == [3]
+    ranks, _ = model.rank_windows([(PAD, PAD, PAD), (PAD, PAD, "A"), (PAD, "A", "C")], ["A", "C", "B"], [0, 1, 2])
+    assert ranks.tolist() == [1, 1, 2]
+    with pytest.raises(ValueError, match="seen_transitions"):
+        NextEventDetector(seen_transitions="sometimes")
+
+
+def test_transition_novelty_counts_transitions_never_seen_in_normal_sessions(tmp_path):
+    normal = [["A", "B", "C"], ["A", "C"]]
+    model = TransitionNoveltyDetector().fit(normal + [["A", "X"]], labels=[0, 0, 1])
+    assert model.transitions == {(PAD, "A"), ("A", "B"), ("B", "C"), ("C", END), ("A", "C")}
+    # B -> A and A -> END are new; X twice (A -> X, X -> END); a session that ends after A.
+    assert model.score_sessions([["A", "B", "C"], ["A", "B", "A"], ["A", "X"], ["A"]]).tolist() == [0, 2, 2, 1]
+    assert model.predict([["A", "C"], ["A"]]).tolist() == [False, True]
+    model.save(tmp_path)
+    assert TransitionNoveltyDetector.load(tmp_path).transitions == model.transitions
+    with pytest.raises(RuntimeError, match="not fitted"):
+        TransitionNoveltyDetector().score_sessions([["A"]])
 
 
 def test_rate_metrics_give_deeplogs_published_precision_from_its_false_positive_rate():
@@ -154,19 +181,25 @@ def test_next_event_model_learns_a_fixed_order_and_round_trips(tmp_path):
     assert scores[0] == 1  # the usual order: every event the most likely one
     assert scores[1] > 2 and scores[3] > 2  # swapped events; a session that stops after B
     assert scores[2] == UNKNOWN_RANK
-    assert model.score_sessions([["A", "B", "D", "C"]])[0] == 2  # the less frequent branch: second choice
+    # The less frequent branch: the network's second choice, accepted as a transition seen in training.
+    assert model.score_sessions([["A", "B", "D", "C"]], seen_transitions="rank")[0] == 2
+    assert model.score_sessions([["A", "B", "D", "C"]])[0] == 1
+    assert ("B", "D") in model.transitions and ("D", END) in model.transitions and ("B", "A") not in model.transitions
     model.save(tmp_path / "m")
     loaded = NextEventDetector.load(tmp_path / "m")
     assert loaded.k == 1 and loaded.vocab.tokens == model.vocab.tokens and loaded.min_events == 4
+    assert [tuple(t) for t in loaded.transitions] == model.transitions
+    assert loaded.score_sessions([["A", "B", "D", "C"]]).tolist() == [1]
     assert loaded.score_sessions([["A", "C", "B", "D"]]).tolist() == [scores[1]]
     assert loaded.score_sessions([["A", "B"]]).tolist() == [UNKNOWN_RANK]  # ended before any normal session
     # A model saved before min_events was learned loads and ranks its session ends.
     meta_path = tmp_path / "m" / f"{model.name}.json"
     meta = json.loads(meta_path.read_text())
-    del meta["min_events"]
+    del meta["min_events"], meta["transitions"]
     meta_path.write_text(json.dumps(meta))
     old = NextEventDetector.load(tmp_path / "m")
-    assert old.min_events is None
+    assert old.min_events is None and old.transitions is None
+    assert old.score_sessions([["A", "B", "D", "C"]]).tolist() == [2]  # every event ranked
     assert old.score_sessions([["A", "B"]])[0] == model.score_sessions([["A", "B"]], session_end="rank")[0] > 2
 
 
@@ -208,7 +241,8 @@ def test_logs_evaluate_on_a_slice_of_the_hdfs_sessions(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     given = metrics["test_split"]
     assert given["test_sessions"] == int((part["Split"] == "test").sum())
-    names = {"next_event_lstm", "pair_classifier", "count_logistic_regression", "count_decision_tree"}
+    names = {"next_event_lstm", "next_event_lstm_all_ranked", "transition_novelty", "pair_classifier",
+             "count_logistic_regression", "count_decision_tree"}
     assert set(given["models"]) == names
     assert metrics["ratio"] == 20
     test_truth = pd.read_csv(out / "sessions_test.csv")["Label"].eq("Anomaly")
@@ -267,3 +301,46 @@ def test_logs_train_fits_unlabelled_sessions_parsed_from_raw_logs(tmp_path):
     assert manifest["fit_sessions"] == int(len(parsed) * 0.8)
     scorer = LogStreamScorer(tmp_path / "m", "mine", tmp_path / "state", r"blk_-?\d+")
     assert scorer.k == manifest["k"] and scorer.version == manifest["version"]
+
+
+def test_the_make_run_logs_line_gives_the_false_positive_rate(tmp_path):
+    from services.jobs.run import log_summary
+
+    settings = load_settings().model_copy(update={"model_dir": tmp_path, "model_logs": "m"})
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps({"test": {"f1": 0.9, "fpr": 0.002}}))
+    raw = tmp_path / "raw.log"
+    raw.write_text("081109 203615 148 INFO dfs.DataNode: Receiving block blk_1\n"
+                   "081109 203616 148 INFO dfs.DataNode: Receiving block blk_2\n")
+    labels = {"blk_a": False, "blk_b": False, "blk_c": False, "blk_d": True}
+    line = log_summary(raw, labels, {"raw": {"blk_1"}, "labelled": {"blk_a", "blk_d"}}, settings)
+    assert "raw_sample_sessions=2 raw_sample_flagged=1" in line
+    assert "tp=1 fp=1 fn=0" in line and "fpr=33.33% (1/3 normal sessions)" in line
+    assert line.endswith("(offline on the same split: f1=0.900 fpr=0.20%)")
+    # A model trained before the rate figures were recorded: no offline FPR.
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps({"test": {"f1": 0.9}}))
+    assert log_summary(raw, labels, {"raw": set(), "labelled": set()}, settings).endswith("f1=0.900)")
+
+
+def test_logs_train_on_hdfs_deeplog_with_loghubs_templates_for_the_service(tmp_path):
+    """hdfs_deeplog's sessions write DeepLog's template indices E01..E29, loghub's HDFS_templates.csv
+    E1..E29: the model folder's reference templates take the sessions' spelling, so the service
+    maps a raw HDFS line to the model's event."""
+    from helpers import HDFS_DIR
+
+    from models.logs.scorer import LogStreamScorer
+    from services.jobs.logs import main as logs_main
+
+    deeplog = load_settings().data_dir / "hdfs_deeplog" / "hdfs_deeplog_train_sessions.csv"
+    assert logs_main(["train", "--sessions", str(deeplog), "--templates", str(HDFS_DIR / "HDFS_templates.csv"),
+                      "--epochs", "2", "--model-dir", str(tmp_path / "m"), "--name", "deeplog"]) == 0
+    manifest = json.loads((tmp_path / "m" / "deeplog" / "manifest.json").read_text())
+    assert manifest["labelled"] and manifest["ratio"] == 33 and manifest["session_end"] in ("length", "rank")
+    test = manifest["test"]
+    assert test["normals"] > 600 and test["fpr"] == pytest.approx(test["fp"] / test["normals"])
+    scorer = LogStreamScorer(tmp_path / "m", "deeplog", tmp_path / "state", r"blk_-?\d+")
+    assert {"E05", "E22", "E29"} <= set(scorer.templates) and "E5" not in scorer.templates
+    assert scorer.detector.min_events == 13  # the shortest normal session of the file's fitting slice
+    event, _ = scorer.event_of("Receiving block blk_-1608999687919862906 src: /10.250.19.102:54106 "
+                               "dest: /10.250.19.102:50010")
+    assert event == "E05" and event in scorer.detector.vocab.index
