@@ -21,15 +21,13 @@ alarms on normal sessions). With "rank" the END target is ranked like an event, 
 cut short (the HDFS 100k sample cuts every block at line 100,000, so its shortest normal session
 is no guide). `logs evaluate` and `logs train` choose between them on the validation slice.
 
-Seen transitions (`seen_transitions`): with "accept" (the default) an event whose transition from
-the event before it (PAD at a session's start, END at its end) occurs in the normal training
-sessions is accepted at any k, and the network's rank judges only transitions never seen in
-normal operation; with "rank" every event is ranked. The network alone ranks a rare but normal
-transition after an unusual longer context (HDFS: the replication events, in 0.5% of normal
-blocks) as low as a real fault, and at 33 normal blocks per anomalous one those false alarms
-decide the detector's precision; what it loses is an anomaly made only of normal transitions in an
-abnormal order or number. (Chosen on hdfs_deeplog's random splits, whose validation slices could
-not tell the two apart: README, "Log anomaly detection".)
+Seen transitions (`seen_transitions`): with "rank" (the default, DeepLog's decision) every event
+is ranked; with "accept" an event whose transition from the event before it (PAD at a session's
+start, END at its end) occurs in the normal training sessions is accepted at any k, and the
+network judges only transitions never seen in normal operation. The network alone can rank a rare
+but normal transition after an unusual longer context (HDFS: the replication events, in 0.5% of
+normal blocks) as low as a fault; "accept" loses an anomaly made only of normal transitions in an
+abnormal order or number. `logs evaluate` and `logs train` choose on the validation slice.
 
 Training is fast: identical (window, target) pairs are merged with their counts as sample weights
 (HDFS: ~87,000 windows, ~2,000 distinct). The weights are counts ** `weight_power`: 1 leaves the
@@ -98,7 +96,7 @@ class NextEventDetector(KerasWindowModel):
     def __init__(self, h: int = 10, k: int = 9, min_prob: float = 0.0, embedding_dim: int = 16, units: int = 64,
                  epochs: int = 30, batch_size: int = 256, learning_rate: float = 0.005, seed: int = 42,
                  end: bool = True, weight_power: float = WEIGHT_POWER, session_end: str = "length",
-                 seen_transitions: str = "accept"):
+                 seen_transitions: str = "rank"):
         if session_end not in SESSION_ENDS:
             raise ValueError(f"session_end must be one of {SESSION_ENDS}, not {session_end!r}")
         if seen_transitions not in SEEN_TRANSITIONS:

@@ -50,7 +50,7 @@ K_VALUES = list(range(1, 17))  # up to the event ids of a small vocabulary (hdfs
 MIN_PROBS = [0.0, 1e-5, 1e-4, 1e-3]  # next-event model: an event below this probability is anomalous at any k
 PAIR_THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 1.0, 0.05)]
 UNSUPERVISED = "next_event_lstm"
-ALL_RANKED = "next_event_lstm_all_ranked"  # the same network, every event ranked (seen transitions not accepted)
+ALL_RANKED = "next_event_lstm_all_ranked"  # the same network, every event ranked (seen transitions never accepted)
 MODEL_NAMES = [UNSUPERVISED, ALL_RANKED, "transition_novelty", "pair_classifier", "count_logistic_regression",
                "count_decision_tree"]
 RATIO = 33.0  # normal sessions per anomalous one in the full HDFS_v1 log (DeepLog's split: 553,366 / 16,838)
@@ -110,39 +110,52 @@ def _window_report(model, sessions: list, truth: np.ndarray) -> dict:
     return _report(model.decide(scores), window_truth)
 
 
+DECISION = ("seen_transitions", "session_end", "min_prob", "k")  # what the validation slice chooses
+
+
 def choose_next_event(model, sessions: list, truth: np.ndarray, ratio: float = RATIO,
-                      seen_transitions: str | None = None) -> tuple[tuple[str, float, int], dict]:
-    """(session_end, min_prob, k) with the best implied F1 at `ratio` on these (validation)
-    sessions; ties: fewer alarms, then the larger k, the smaller min_prob and ranked ends. Also
-    every implied F1, as {session_end: {min_prob: {k: F1}}}."""
+                      seen_options: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """The decision {seen_transitions, session_end, min_prob, k} with the best implied F1 at
+    `ratio` on these (validation) sessions; ties: fewer alarms, then the larger k, the smaller
+    min_prob, ranked ends and every event ranked. Also every implied F1, as
+    {"<seen_transitions>/<session_end>": {min_prob: {k: F1}}}."""
     from models.logs.base import per_session_max
-    from models.logs.next_event import SESSION_ENDS
+    from models.logs.next_event import SEEN_TRANSITIONS, SESSION_ENDS
 
     windows = model.scored_windows(sessions)
+    seen_options = seen_options or (SEEN_TRANSITIONS if model.transitions else ("rank",))
     grid, f1 = {}, {}
-    for session_end in SESSION_ENDS if model.min_events is not None else ("rank",):
-        for min_prob in MIN_PROBS:
-            ranks = model.ranks(windows, min_prob, session_end, seen_transitions)
-            scores = per_session_max(ranks, windows.owner, len(sessions), empty=1.0)
-            for k in K_VALUES:
-                flags = scores > k
-                grid[(session_end, min_prob, k)] = (rate_metrics(flags, truth, ratio)["implied_f1"],
-                                                    -int(flags.sum()), k, -min_prob, session_end == "rank")
-                f1.setdefault(session_end, {}).setdefault(min_prob, {})[k] = grid[(session_end, min_prob, k)][0]
-    return max(grid, key=grid.get), f1
+    for seen in seen_options:
+        for session_end in SESSION_ENDS if model.min_events is not None else ("rank",):
+            for min_prob in MIN_PROBS:
+                ranks = model.ranks(windows, min_prob, session_end, seen)
+                scores = per_session_max(ranks, windows.owner, len(sessions), empty=1.0)
+                for k in K_VALUES:
+                    flags = scores > k
+                    implied = rate_metrics(flags, truth, ratio)["implied_f1"]
+                    grid[(seen, session_end, min_prob, k)] = (implied, -int(flags.sum()), k, -min_prob,
+                                                              session_end == "rank", seen == "rank")
+                    f1.setdefault(f"{seen}/{session_end}", {}).setdefault(min_prob, {})[k] = implied
+    return dict(zip(DECISION, max(grid, key=grid.get))), f1
+
+
+def apply_decision(model, decision: dict) -> None:
+    model.params.update({key: decision[key] for key in DECISION if key != "k"})
+    model.k = decision["k"]
 
 
 def _next_event_result(model, val_sessions: list, val_truth: np.ndarray, test_sessions: list,
-                       test_truth: np.ndarray, ratio: float, details: bool) -> tuple[np.ndarray, dict]:
+                       test_truth: np.ndarray, ratio: float, details: bool,
+                       seen_options: tuple[str, ...] | None = None) -> tuple[np.ndarray, dict]:
     """The next-event model's choice on the validation slice, then its test scores and figures."""
-    (session_end, min_prob, k), val_f1 = choose_next_event(model, val_sessions, val_truth, ratio)
-    model.params["session_end"], model.params["min_prob"], model.k = session_end, min_prob, k
+    decision, val_f1 = choose_next_event(model, val_sessions, val_truth, ratio, seen_options)
+    apply_decision(model, decision)
     scores = model.score_sessions(test_sessions)
     result = {
-        **detection_metrics(model.decide(scores), test_truth, ratio), "k": k, "min_prob": min_prob,
-        "session_end": session_end, "seen_transitions": model.params["seen_transitions"],
-        "validation_implied_f1": val_f1[session_end][min_prob][k],
-        "validation_implied_f1_by_session_end_min_prob_and_k": val_f1,
+        **detection_metrics(model.decide(scores), test_truth, ratio), **decision,
+        "validation_implied_f1": val_f1[f"{decision['seen_transitions']}/{decision['session_end']}"][
+            decision["min_prob"]][decision["k"]],
+        "validation_implied_f1_by_decision": val_f1,
         # Reported, never used to choose: the test F1 at every k (at the chosen min_prob, and top-k alone).
         "f1_by_k": {k_: point_metrics(scores > k_, test_truth)["f1"] for k_ in K_VALUES},
     }
@@ -170,13 +183,13 @@ def evaluate_split(train: pd.DataFrame, test: pd.DataFrame, seed: int, epochs: i
     results, scores, models = {}, {}, {}
 
     model = NextEventDetector(epochs=epochs, seed=seed).fit(list(fit["events"]), list(fit["y"]))
-    # The same network with every event ranked (seen transitions not accepted), its own choice.
+    # Beside it, the same network with every event ranked (DeepLog's decision), its own choice.
     ranked = copy.copy(model)
-    ranked.params = {**model.params, "seen_transitions": "rank"}
-    for name, variant in ((UNSUPERVISED, model), (ALL_RANKED, ranked)):
+    ranked.params = dict(model.params)
+    for name, variant, seen_options in ((UNSUPERVISED, model, None), (ALL_RANKED, ranked, ("rank",))):
         models[name] = variant
         scores[name], results[name] = _next_event_result(variant, val_sessions, val_truth, test_sessions,
-                                                         test_truth, ratio, details)
+                                                         test_truth, ratio, details, seen_options)
 
     model = TransitionNoveltyDetector().fit(list(fit["events"]), list(fit["y"]))
     models[model.name], scores[model.name] = model, model.score_sessions(test_sessions)
@@ -245,7 +258,7 @@ def summarise_splits(splits: list[dict], ratio: float = RATIO) -> dict:
                                    "fpr": fp / normals, "recall": tp / anomalies,
                                    **implied_at_ratio(fp / normals, tp / anomalies, ratio)}
     for name in (UNSUPERVISED, ALL_RANKED):
-        for choice in ("k", "min_prob", "session_end"):
+        for choice in DECISION:
             summary[name][f"chosen_{choice}"] = [s["models"][name][choice] for s in splits]
     summary["ceiling"] = {"f1": _spread([s["ceiling"]["f1"] for s in splits])}
     return summary
@@ -265,7 +278,7 @@ def plot_f1_by_k(path: Path, given: dict, splits: list[dict]) -> None:
     ax.plot(K_VALUES, [ne["f1_by_k"][k] for k in K_VALUES], "o-", color="#1f4e79", label="test F1 (given split)")
     ax.plot(K_VALUES, [ne["f1_by_k_top_k_only"][k] for k in K_VALUES], "^:", color="#1f4e79", alpha=0.6,
             label="test F1, top-k alone (min_prob 0)")
-    chosen = ne["validation_implied_f1_by_session_end_min_prob_and_k"][ne["session_end"]][ne["min_prob"]]
+    chosen = ne["validation_implied_f1_by_decision"][f"{ne['seen_transitions']}/{ne['session_end']}"][ne["min_prob"]]
     ax.plot(K_VALUES, [chosen[k] for k in K_VALUES], "s--",
             color="#e8a33d", label=f"validation F1 at the ratio (train split), min_prob {ne['min_prob']:g}: "
                                    "chooses k")
@@ -365,8 +378,8 @@ def command(sessions: Path | None, out: Path, n_splits: int, epochs: int, quick:
 
     print_table(given, metrics["random_splits"]["summary"], len(splits), ratio)
     ne = given["models"][UNSUPERVISED]
-    print(f"next_event_lstm chose k={ne['k']}, min_prob={ne['min_prob']:g}, session ends by {ne['session_end']} "
-          f"on the validation slice; "
+    print(f"next_event_lstm chose k={ne['k']}, min_prob={ne['min_prob']:g}, session ends by {ne['session_end']}, "
+          f"seen transitions: {ne['seen_transitions']} on the validation slice; "
           f"written to {out} in {metrics['seconds']} s")
     return 0
 

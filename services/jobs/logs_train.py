@@ -1,10 +1,10 @@
 """logs train: the next-event model the log detector service loads.
 
 Fitted as `logs evaluate` fits it: on the normal sessions of a stratified 80% of the training
-split, with k, min_prob and the session-end rule chosen by the F1 implied at --ratio normal
-sessions per anomalous one on the other 20%; then scored once on the test split (reported, not
-used: its false-positive rate on normal sessions and recall, and the precision/F1 they imply,
-beside the plain figures). Sessions without labels (parsed from your own raw logs with `logs parse
+split, with its decision (k, min_prob, the session-end rule, whether seen transitions are
+accepted) chosen by the F1 implied at --ratio normal sessions per anomalous one on the other 20%;
+then scored once on the test split (reported, not used: its false-positive rate on normal
+sessions and recall, and the precision/F1 they imply, beside the plain figures). Sessions without labels (parsed from your own raw logs with `logs parse
 --sessions`): fitted on 80% of them, as DeepLog is, taking them as normal; k is the smallest (most
 sensitive) that flags at most --alarm-rate of the other 20%. The model folder also holds the
 reference templates of the sessions' event ids, so the service can align the templates it mines
@@ -29,6 +29,7 @@ from models.logs.sessions import read_sessions_csv
 from services.jobs.logs_evaluate import (
     K_VALUES,
     RATIO,
+    apply_decision,
     choose_next_event,
     detection_metrics,
     given_split,
@@ -77,11 +78,10 @@ def train_log_model(sessions_csv: Path, templates_csv: Path | None, folder: Path
     fit_pos, val_pos = stratified_split(train["y"].to_numpy(), seed)
     fit, val = train.iloc[fit_pos], train.iloc[val_pos]
     model = NextEventDetector(epochs=epochs, seed=seed).fit(list(fit["events"]), list(fit["y"]))
-    (session_end, min_prob, k), _ = choose_next_event(model, list(val["events"]), val["y"].to_numpy().astype(bool),
-                                                      ratio)
-    model.params["session_end"], model.params["min_prob"], model.k = session_end, min_prob, k
+    decision, _ = choose_next_event(model, list(val["events"]), val["y"].to_numpy().astype(bool), ratio)
+    apply_decision(model, decision)
     test_metrics = detection_metrics(model.predict(list(test["events"])), test["y"].to_numpy().astype(bool), ratio)
-    fitted = {"k": k, "min_prob": min_prob, "session_end": session_end, "split": split_note,
+    fitted = {**decision, "split": split_note,
               "fit_sessions": int((fit["y"] == 0).sum()), "labelled": True, "ratio": ratio,
               "test": {m: test_metrics[m] for m in ("precision", "recall", "f1", "tp", "fp", "fn", "fpr", "normals",
                                                     "implied_precision", "implied_f1")}}

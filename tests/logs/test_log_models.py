@@ -85,7 +85,7 @@ def test_session_end_by_length_or_by_rank_on_known_outputs():
 
 
 def test_seen_transitions_are_accepted_at_any_k_on_known_outputs():
-    model = StubNextEvent(k=1)
+    model = StubNextEvent(k=1, seen_transitions="accept")
     model.min_events = 1
     model.transitions = [(PAD, "A"), ("A", "C"), ("C", END)]
     # C ranks 3 after any window, but A -> C was seen in training; B ranks 2 and A -> B was not.
@@ -135,11 +135,18 @@ def test_the_validation_choice_maximises_the_f1_implied_at_the_ratio():
     truth = np.array([0] * 21 + [1] * 5, bool)
     # k=1 finds all 5 anomalies with 1 false positive in 21 normal sessions: F1 0.91 on this mix,
     # 0.56 at 33:1; k=2 finds 2 without a false positive: F1 0.57 at any mix.
-    (session_end, min_prob, k), f1 = choose_next_event(model, sessions, truth, ratio=33)
-    assert (session_end, min_prob, k) == ("length", 0.0, 2)
-    assert f1["length"][0.0][2] == pytest.approx(0.4 * 2 / 1.4)
-    assert f1["length"][0.0][1] == pytest.approx(implied_at_ratio(1 / 21, 1.0, 33)["implied_f1"])
-    assert choose_next_event(model, sessions, truth, ratio=1)[0] == ("length", 0.0, 1)
+    decision, f1 = choose_next_event(model, sessions, truth, ratio=33)
+    assert decision == {"seen_transitions": "rank", "session_end": "length", "min_prob": 0.0, "k": 2}
+    assert f1["rank/length"][0.0][2] == pytest.approx(0.4 * 2 / 1.4)
+    assert f1["rank/length"][0.0][1] == pytest.approx(implied_at_ratio(1 / 21, 1.0, 33)["implied_f1"])
+    assert choose_next_event(model, sessions, truth, ratio=1)[0]["k"] == 1
+    # With the training transitions known, accepting the seen ones is a choice too: A -> B was seen
+    # in training, so k=1 then flags the 2 anomalies ending in C and no normal session.
+    model.transitions = [(PAD, "A"), ("A", "A"), ("A", "B"), ("A", END), ("B", END)]
+    decision, f1 = choose_next_event(model, sessions, truth, ratio=33)
+    assert decision == {"seen_transitions": "accept", "session_end": "rank", "min_prob": 0.0, "k": 2}  # ties: ranked ends
+    assert f1["accept/length"][0.0][1] == f1["accept/length"][0.0][2] == pytest.approx(0.4 * 2 / 1.4)
+    assert choose_next_event(model, sessions, truth, 33, seen_options=("rank",))[0]["seen_transitions"] == "rank"
 
 
 def test_template_ids_are_written_as_the_sessions_write_them():
@@ -182,9 +189,10 @@ def test_next_event_model_learns_a_fixed_order_and_round_trips(tmp_path):
     assert scores[1] > 2 and scores[3] > 2  # swapped events; a session that stops after B
     assert scores[2] == UNKNOWN_RANK
     # The less frequent branch: the network's second choice, accepted as a transition seen in training.
-    assert model.score_sessions([["A", "B", "D", "C"]], seen_transitions="rank")[0] == 2
-    assert model.score_sessions([["A", "B", "D", "C"]])[0] == 1
+    assert model.score_sessions([["A", "B", "D", "C"]])[0] == 2
+    assert model.score_sessions([["A", "B", "D", "C"]], seen_transitions="accept")[0] == 1
     assert ("B", "D") in model.transitions and ("D", END) in model.transitions and ("B", "A") not in model.transitions
+    model.params["seen_transitions"] = "accept"
     model.save(tmp_path / "m")
     loaded = NextEventDetector.load(tmp_path / "m")
     assert loaded.k == 1 and loaded.vocab.tokens == model.vocab.tokens and loaded.min_events == 4
@@ -255,8 +263,10 @@ def test_logs_evaluate_on_a_slice_of_the_hdfs_sessions(tmp_path):
     ne = given["models"]["next_event_lstm"]
     assert ne["k"] in metrics["k_values"] and set(map(int, ne["f1_by_k"])) == set(K_VALUES)
     assert ne["session_end"] in ("length", "rank")
-    assert ne["validation_implied_f1"] == max(f for by_mp in ne["validation_implied_f1_by_session_end_min_prob_and_k"]
-                                             .values() for by_k in by_mp.values() for f in by_k.values())
+    assert ne["seen_transitions"] in ("accept", "rank")
+    assert given["models"]["next_event_lstm_all_ranked"]["seen_transitions"] == "rank"
+    assert ne["validation_implied_f1"] == max(f for by_mp in ne["validation_implied_f1_by_decision"].values()
+                                             for by_k in by_mp.values() for f in by_k.values())
     assert set(ne["window_classification_report"]) >= {"Normal", "Anomaly", "accuracy"}
     assert "window_classification_report" not in given["models"]["count_decision_tree"]
     # The count baseline beats chance (flagging every session: F1 = 2p / (1 + p)).

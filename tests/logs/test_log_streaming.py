@@ -552,10 +552,12 @@ def test_a_probability_below_min_prob_is_its_own_reason(model_root, tmp_path):
     ranks, probs = det.rank_windows([(PAD,) * h] * len(tokens), tokens)
     best = int(np.argmin(ranks))  # the most likely first event: within k
     assert ranks[best] == 1
-    det.params["min_prob"] = float(probs[best]) * 1.5
-    # A session starting with it is a transition seen in training: accepted whatever its probability.
-    assert scorer.score(as_lines([line_at(tokens[best], "blk_4", 0)])) == []
-    det.params["seen_transitions"] = "rank"
+    # When seen transitions are accepted, a session starting as a normal training session started
+    # is accepted whatever the probability of its first event.
+    first = next(event for previous, event in det.transitions if previous == PAD)
+    det.params["seen_transitions"], det.params["min_prob"] = "accept", 1.0
+    assert scorer.score(as_lines([line_at(first, "blk_4", 0)])) == []
+    det.params["seen_transitions"], det.params["min_prob"] = "rank", float(probs[best]) * 1.5
     [f] = scorer.score(as_lines([line_at(tokens[best], "blk_5", 0)], first_offset=1))
     assert f.event == tokens[best] and f.rank == UNKNOWN_RANK and f.probability == pytest.approx(probs[best])
     assert f.reason.startswith("probability ") and "below min_prob" in f.reason
