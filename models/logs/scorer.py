@@ -174,7 +174,8 @@ class LogStreamScorer:
         return findings
 
     def _finding(self, window, line, template, rank, prob) -> LogFinding:
-        if window.target == END and self.detector.min_events is not None and rank >= UNKNOWN_RANK:
+        ends_by_length = self.detector.params.get("session_end") == "length" and self.detector.min_events is not None
+        if window.target == END and ends_by_length and rank >= UNKNOWN_RANK:
             reason = (f"the session ended after {window.events} event{'s' * (window.events != 1)}, fewer than any "
                       f"normal training session ({self.detector.min_events})")
         elif window.target == END:
