@@ -398,29 +398,37 @@ def caught_up(settings: Settings, group: str, topic: str) -> bool:
     return all(committed[p] >= o for p, o in ends.items())
 
 
+def _while_coordinator_moves(call, timeout: float):
+    """call(), again while the group's coordinator is moving or still loading (a new group, a
+    broker just started: NOT_COORDINATOR), until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            if exc.args[0].code() not in COORDINATOR_ERRORS or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def committed_offsets(settings: Settings, group: str, topic: str, partitions, timeout: float = 10) -> dict[int, int]:
     """partition -> the offset `group` has committed (0 when it has committed nothing)."""
     consumer = Consumer(client_config(settings) | READ_COMMITTED | {"group.id": group, "enable.auto.commit": False})
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                tps = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
-                return {tp.partition: max(tp.offset, 0) for tp in tps}
-            except KafkaException as exc:
-                # The group's coordinator can move or still be loading (a new group, a busy broker).
-                if exc.args[0].code() not in COORDINATOR_ERRORS or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        tps = _while_coordinator_moves(
+            lambda: consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout), timeout)
+        return {tp.partition: max(tp.offset, 0) for tp in tps}
     finally:
         consumer.close()
 
 
-def commit_group_offsets(settings: Settings, group: str, topic: str, offsets: dict[int, int]) -> None:
+def commit_group_offsets(settings: Settings, group: str, topic: str, offsets: dict[int, int],
+                         timeout: float = 30) -> None:
     """Set where `group` starts reading `topic` (partition -> offset), before any member joins."""
     consumer = Consumer(client_config(settings) | READ_COMMITTED | {"group.id": group, "enable.auto.commit": False})
     try:
-        consumer.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False)
+        _while_coordinator_moves(lambda: consumer.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False), timeout)
     finally:
         consumer.close()
 

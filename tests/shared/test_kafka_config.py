@@ -91,3 +91,33 @@ def test_librdkafka_lines_are_structured_records_and_repeats_are_counted(tmp_pat
     texts = [r["event"] for r in kafka]
     # Connection refused every ~10 ms for 4 s: hundreds of lines without the repeat counting.
     assert len(kafka) < 20, texts
+
+
+def test_group_offset_calls_wait_while_the_coordinator_moves(monkeypatch):
+    """`make run` sets a group's offsets right after the broker starts, when the group's coordinator
+    may still answer NOT_COORDINATOR: the call is repeated until the deadline, any other error is not."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from shared import kafka
+
+    monkeypatch.setattr(kafka.time, "sleep", lambda s: None)
+    answers = [KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, "done"]
+
+    def call():
+        answer = answers.pop(0)
+        if answer != "done":
+            raise KafkaException(KafkaError(answer))
+        return answer
+
+    assert kafka._while_coordinator_moves(call, timeout=30) == "done" and not answers
+
+    def fails(code):
+        def call():
+            raise KafkaException(KafkaError(code))
+        return call
+
+    with pytest.raises(KafkaException) as raised:
+        kafka._while_coordinator_moves(fails(KafkaError.TOPIC_AUTHORIZATION_FAILED), timeout=30)
+    assert raised.value.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    with pytest.raises(KafkaException):  # past the deadline the coordinator's error is raised
+        kafka._while_coordinator_moves(fails(KafkaError.NOT_COORDINATOR), timeout=0)
