@@ -54,6 +54,7 @@ from models.logs.base import (
     split_per_session,
 )
 from models.logs.sessions import END
+from models.logs.transitions import transitions
 
 UNKNOWN_RANK = 1_000_000.0  # rank given to an event never seen in training: above every k
 WEIGHT_POWER = 0.5  # sample weight of a distinct (window, target) pair = its count ** this
@@ -135,9 +136,8 @@ class NextEventDetector(KerasWindowModel):
             raise ValueError("no normal session to learn from")
         self.vocab = Vocabulary.from_sessions(normal)
         self.min_events = min(len(s) for s in normal)
+        self.transitions = sorted({pair for session in normal for pair in transitions(session)})
         contexts, targets, _ = encode_windows(normal, self.vocab, self.params["h"], self.params["end"])
-        self.transitions = sorted({(self.vocab.tokens[a], self.vocab.tokens[b])
-                                   for a, b in set(zip(contexts[:, -1].tolist(), targets.tolist()))})
         contexts, targets, counts, _ = dedupe(contexts, targets)
         weights = counts ** self.params.get("weight_power", 1.0)
         self._train(contexts, targets, weights, "sparse_categorical_crossentropy")
